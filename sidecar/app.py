@@ -1,0 +1,293 @@
+"""The sidecar's lifecycle: start listeners, swap configs on reload, drain on SIGTERM.
+
+Shutdown follows what Kubernetes needs for a rollout that loses no request:
+1. SIGTERM: /ready turns 503 at once and responses carry `Connection: close`, while
+   traffic keeps flowing for `server.drain` (endpoints are removed asynchronously);
+2. the listener closes; idle keep-alive connections are closed;
+3. in-flight requests get up to `server.shutdown_grace` to finish; then exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from sidecar.admin import Admin
+from sidecar.chain import build_chain
+from sidecar.config import ConfigError, SidecarConfig, load_config
+from sidecar.handler import ProxyHandler, Runtime, RuntimeHolder
+from sidecar.logs import AccessLog, LogSink
+from sidecar.metrics import Metrics
+from sidecar.policies import PolicyDeps, build_policies
+from sidecar.routing import CompiledRoute, RouteTable, compile_matcher
+from sidecar.store import StateStore, open_store
+from sidecar.upstream import Forwarder
+
+
+@dataclass(frozen=True, slots=True)
+class FileStamp:
+    """What tells us a config file may have changed (a ConfigMap swap changes all of it)."""
+
+    device: int
+    inode: int
+    mtime_ns: int
+    size: int
+
+    @classmethod
+    def of(cls, path: str) -> FileStamp | None:
+        try:
+            st = os.stat(path)  # follows the ..data symlink of a ConfigMap mount
+        except OSError:
+            return None
+        return cls(st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+class Sidecar:
+    """One sidecar process: a proxy listener, an admin listener, one config at a time."""
+
+    def __init__(
+        self,
+        config: SidecarConfig,
+        config_path: str | None = None,
+        *,
+        log: LogSink | None = None,
+        reuse_port: bool = False,
+    ) -> None:
+        self.config_path = config_path
+        self.log = log or LogSink(level=config.logging.level)
+        self.metrics = Metrics()
+        self.reuse_port = reuse_port
+        self.pid = os.getpid()
+        self.started_monotonic = time.monotonic()
+        self.listening = False
+        self.reload_count = 0
+        self.last_reload_error: str | None = None
+        self.store: StateStore = open_store(config.state, self.metrics.observe_store)
+        self.forwarder = Forwarder(config.upstream)
+        self.holder = RuntimeHolder(self.build_runtime(config))
+        self._stop = asyncio.Event()
+        self._reload_requested = asyncio.Event()
+        self._proxy_server: web.Server | None = None
+        self._listener: asyncio.Server | None = None
+        self._admin_runner: web.AppRunner | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.metrics.config_last_reload.set(config.loaded_at)
+
+    # -- building a config generation ------------------------------------------------
+
+    def build_runtime(self, config: SidecarConfig) -> Runtime:
+        """Compile every route's chain; nothing here runs per request."""
+        deps = PolicyDeps(config=config, store=self.store, metrics=self.metrics, log=self.log)
+        compiled = []
+        for route in config.routes:
+            chain = build_chain(build_policies(route, deps), self.forwarder.for_route(route))
+            compiled.append(
+                CompiledRoute(
+                    config=route,
+                    chain=chain,
+                    metrics=self.metrics.route(route.name),
+                    matches=compile_matcher(route.match),
+                )
+            )
+        access = config.logging.access
+        access_log = AccessLog(access, self.log) if access.enabled and access.sample > 0 else None
+        return Runtime(config=config, routes=RouteTable(compiled), access_log=access_log)
+
+    # -- start and stop --------------------------------------------------------------
+
+    async def start(self) -> None:
+        config = self.holder.runtime.config
+        loop = asyncio.get_running_loop()
+        handler = ProxyHandler(self.holder, self.metrics, self.log)
+        self._proxy_server = web.Server(
+            handler,
+            handler_cancellation=True,
+            auto_decompress=False,
+            access_log=None,
+            keepalive_timeout=config.server.keepalive_timeout,
+        )
+        listen = config.server.listen
+        self._listener = await loop.create_server(
+            self._proxy_server,
+            listen.host,
+            listen.port,
+            reuse_address=True,
+            reuse_port=self.reuse_port or None,
+            backlog=1024,
+        )
+        self._admin_runner = web.AppRunner(Admin(self).app(), access_log=None, handle_signals=False)
+        await self._admin_runner.setup()
+        admin = config.server.admin_listen
+        site = web.TCPSite(
+            self._admin_runner, admin.host, admin.port, reuse_port=self.reuse_port or None
+        )
+        await site.start()
+        self.listening = True
+        self._tasks.append(asyncio.create_task(self._watch_config()))
+        self.log.event(
+            "sidecar.started",
+            pid=self.pid,
+            listen=str(listen),
+            admin_listen=str(admin),
+            upstream=config.upstream.url,
+            state=self.store.backend,
+            config=config.source,
+            config_sha256=config.sha256,
+            routes=len(config.routes),
+        )
+
+    @property
+    def bound_ports(self) -> tuple[int, int]:
+        """The (proxy, admin) ports actually bound (useful when the config says port 0)."""
+        assert self._listener is not None and self._admin_runner is not None
+        proxy = self._listener.sockets[0].getsockname()[1]
+        admin = self._admin_runner.addresses[0][1]
+        return int(proxy), int(admin)
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.request_stop)
+        loop.add_signal_handler(signal.SIGINT, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, self._reload_requested.set)
+
+    def request_stop(self) -> None:
+        if not self.holder.draining:
+            self.holder.draining = True
+            drain = self.holder.runtime.config.server.drain
+            self.log.event("sidecar.draining", drain_seconds=drain)
+        self._stop.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stop.wait()
+
+    async def shutdown(self) -> None:
+        """Drain, stop listening, let in-flight requests finish, release everything."""
+        server_config = self.holder.runtime.config.server
+        self.holder.draining = True
+        await asyncio.sleep(server_config.drain)
+        if self._listener is not None:
+            self._listener.close()
+        self.listening = False
+        in_flight = self._proxy_server.requests_count if self._proxy_server else 0
+        self.log.event("sidecar.stopping", grace_seconds=server_config.shutdown_grace)
+        if self._proxy_server is not None:
+            # Closes idle keep-alive connections now and waits for in-flight handlers.
+            await self._proxy_server.shutdown(server_config.shutdown_grace)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._admin_runner is not None:
+            await self._admin_runner.cleanup()
+        await self.forwarder.close()
+        await self.store.close()
+        self.log.event("sidecar.stopped", served=in_flight)
+        self.log.flush()
+
+    # -- hot reload ------------------------------------------------------------------
+
+    async def _watch_config(self) -> None:
+        path = self.config_path
+        interval = self.holder.runtime.config.server.reload_interval
+        stamp = FileStamp.of(path) if path else None
+        while True:
+            forced = False
+            if path is None or interval <= 0:
+                await self._reload_requested.wait()
+                forced = True
+            else:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(interval):
+                        await self._reload_requested.wait()
+                        forced = True
+            self._reload_requested.clear()
+            if path is None:
+                continue
+            new_stamp = FileStamp.of(path)
+            if forced or new_stamp != stamp:
+                stamp = new_stamp
+                self.reload(forced=forced)
+
+    def reload(self, *, forced: bool = False) -> bool:
+        """Load, validate and swap in the config file; keep the old one if it is invalid."""
+        assert self.config_path is not None
+        current = self.holder.runtime.config
+        if not forced and _file_sha256(self.config_path) == current.sha256:
+            return False
+        try:
+            config = load_config(self.config_path)
+        except ConfigError as exc:
+            return self._reload_failed([str(issue) for issue in exc.issues])
+        except OSError as exc:
+            return self._reload_failed([f"{self.config_path}: {exc.strerror or exc}"])
+        restart_only = _restart_only_changes(current, config)
+        if config.upstream != current.upstream:
+            self._replace_forwarder(config)
+        self.holder.runtime = self.build_runtime(config)
+        self.reload_count += 1
+        self.last_reload_error = None
+        self.metrics.config_reloads.labels("success").inc()
+        self.metrics.config_last_reload.set(config.loaded_at)
+        self.log.event(
+            "config.reloaded",
+            config=config.source,
+            config_sha256=config.sha256,
+            routes=len(config.routes),
+            needs_restart=restart_only or None,
+        )
+        return True
+
+    def _reload_failed(self, issues: list[str]) -> bool:
+        self.last_reload_error = "; ".join(issues)
+        self.metrics.config_reloads.labels("error").inc()
+        self.log.event("config.reload_failed", level="error", errors=issues)
+        return False
+
+    def _replace_forwarder(self, config: SidecarConfig) -> None:
+        old = self.forwarder
+        self.forwarder = Forwarder(config.upstream)
+        # Requests already under way on the old pool keep it until they finish.
+        grace = config.server.shutdown_grace
+        self._tasks.append(asyncio.create_task(_close_later(old, grace)))
+
+
+async def _close_later(forwarder: Forwarder, delay: float) -> None:
+    await asyncio.sleep(delay)
+    await forwarder.close()
+
+
+def _file_sha256(path: str) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    except OSError:
+        return None
+
+
+def _restart_only_changes(old: SidecarConfig, new: SidecarConfig) -> list[str]:
+    """Settings a running process cannot change: they apply at the next restart."""
+    changed = []
+    for name in ("listen", "admin_listen", "workers"):
+        if getattr(old.server, name) != getattr(new.server, name):
+            changed.append(f"server.{name}")
+    if old.state != new.state:
+        changed.append("state")
+    return changed
+
+
+async def serve(config: SidecarConfig, config_path: str | None, *, reuse_port: bool = False) -> int:
+    """Run one sidecar process until SIGTERM/SIGINT; returns the exit code."""
+    sidecar = Sidecar(config, config_path, reuse_port=reuse_port)
+    await sidecar.start()
+    sidecar.install_signal_handlers()
+    await sidecar.wait_stopped()
+    await sidecar.shutdown()
+    return 0

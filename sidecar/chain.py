@@ -1,0 +1,107 @@
+"""The policy chain: what a request and a response look like to policies, and how they compose.
+
+A policy is middleware (Starlette, aiohttp, Envoy's filters): it gets the request and the
+next step of the chain, and either answers itself (a short-circuit: a replay, a 429, an open
+breaker) or awaits `call_next` and may then look at or change the response on its way out.
+Chains are folded once per route when the config is loaded; a route with no policies *is*
+the forwarder, so pass-through costs nothing extra.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import TYPE_CHECKING, Protocol
+
+from multidict import CIMultiDict
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from sidecar.config import RouteConfig
+
+
+@dataclass(slots=True, eq=False)
+class ProxyRequest:
+    """One client request on its way upstream.
+
+    `headers` are the headers that will be sent upstream (hop-by-hop ones already removed,
+    X-Forwarded-* already set): a policy adds or removes headers here. `body` is None while
+    the body is still unread on the client connection (it then streams); a policy that must
+    see the body (idempotency fingerprinting) reads it with `read_body()` and it is then
+    sent from memory.
+    """
+
+    method: str
+    # The request target exactly as the client sent it (origin-form): path and query.
+    target: str
+    # The path part of `target`, still percent-encoded.
+    path: str
+    headers: CIMultiDict[str]
+    route: RouteConfig
+    request_id: str
+    client_ip: str
+    raw: web.BaseRequest
+    body: bytes | None = None
+    # Time from sending the request upstream to its response headers (set by the forwarder).
+    upstream_seconds: float | None = None
+    # Key/values that policies want in this request's access log line.
+    log_fields: dict[str, object] = field(default_factory=dict)
+
+    async def read_body(self, limit: int) -> bytes:
+        """Buffer the whole request body (at most `limit` bytes; BodyTooLarge beyond)."""
+        if self.body is None:
+            chunks = []
+            size = 0
+            async for chunk in self.raw.content.iter_any():
+                size += len(chunk)
+                if size > limit:
+                    raise BodyTooLarge(limit)
+                chunks.append(chunk)
+            self.body = b"".join(chunks)
+        return self.body
+
+
+@dataclass(slots=True, eq=False)
+class ProxyResponse:
+    """A response on its way back to the client.
+
+    `body` is bytes for a response built in memory (a local answer or a replay), or an
+    async iterator of chunks for a streamed upstream body; None means no body at all
+    (HEAD, 204, 304). A policy that wants to record a streamed body wraps the iterator.
+    `release` frees the upstream connection once the body is done or abandoned.
+    """
+
+    status: int
+    headers: CIMultiDict[str]
+    body: bytes | AsyncIterator[bytes] | None = None
+    reason: str | None = None
+    release: Callable[[], None] | None = None
+    # A WebSocket session to relay instead of a body (the upgrade was accepted upstream).
+    websocket: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]] | None = None
+
+
+class BodyTooLarge(Exception):
+    """The request body exceeded the route's limit: the client gets 413."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"request body larger than {limit} bytes")
+        self.limit = limit
+
+
+Next = Callable[[ProxyRequest], Awaitable[ProxyResponse]]
+
+
+class Policy(Protocol):
+    """One link of a route's chain."""
+
+    async def __call__(self, request: ProxyRequest, call_next: Next) -> ProxyResponse: ...
+
+
+def build_chain(policies: Sequence[Policy], terminal: Next) -> Next:
+    """Fold policies around the terminal step: the first policy sees the request first."""
+    chain = terminal
+    for policy in reversed(policies):
+        chain = partial(policy, call_next=chain)
+    return chain

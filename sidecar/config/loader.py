@@ -1,0 +1,453 @@
+"""Stage 2 and the entry points: the raw tree, checked against the schema, to a SidecarConfig.
+
+Every check happens here, once, at load time; what comes out is frozen and precompiled so
+the request path never re-validates. Problems are collected, not raised one by one, so a
+broken file is fixed in one pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from sidecar.config.issues import DOCUMENT, ConfigError, ConfigIssue, IssueLog
+from sidecar.config.model import (
+    AccessLogConfig,
+    Address,
+    IdentityConfig,
+    LoggingConfig,
+    RouteConfig,
+    RouteMatch,
+    ServerConfig,
+    SidecarConfig,
+    StateConfig,
+    UpstreamConfig,
+)
+from sidecar.config.raw import RawEntry, RawMap, RawNode, RawScalar, RawSeq, compose
+from sidecar.config.schema import (
+    MISSING,
+    Converter,
+    Invalid,
+    Missing,
+    Schema,
+    boolean,
+    choice,
+    convert,
+    describe,
+    duration,
+    entry_line,
+    fraction,
+    integer,
+    join,
+    list_of,
+    mapping_of,
+    optional,
+    read_fields,
+    section,
+    size,
+    text,
+    unknown_key,
+)
+from sidecar.config.values import (
+    ADDRESS_EXPECTED,
+    UpstreamTarget,
+    parse_address,
+    parse_header_name,
+    parse_host,
+    parse_key_prefix,
+    parse_method,
+    parse_network,
+    parse_path,
+    parse_path_regex,
+    parse_route_name,
+    parse_state_url,
+    parse_upstream_url,
+)
+
+__all__ = ["EMBEDDED_SOURCE", "embedded_config", "load_config", "parse_config"]
+
+EMBEDDED_SOURCE = "<embedded>"
+EXTENSION_PREFIX = "x-"
+DEFAULT_ROUTE_NAME = "default"
+
+_address = text(parse_address, ADDRESS_EXPECTED)
+_header_name = text(parse_header_name, "a header name like X-Org-Id")
+_header_names = list_of(_header_name, "a list of header names like [User-Agent]")
+_path = text(parse_path, "a path starting with '/'")
+_WILDCARD_HOSTS = frozenset({"0.0.0.0", "::"})
+
+
+# --- server -----------------------------------------------------------------------------------
+
+
+def _check_server(server: ServerConfig, node: RawMap, path: str, log: IssueLog) -> None:
+    if _same_socket(server.listen, server.admin_listen):
+        key = "admin_listen" if "admin_listen" in node.entries else "listen"
+        message = f"admin_listen {server.admin_listen} collides with listen {server.listen}"
+        log.add(entry_line(node, key), join(path, key), message)
+
+
+def _same_socket(one: Address, other: Address) -> bool:
+    # Port 0 asks the kernel for a free port, so two of them never collide.
+    if one.port != other.port or one.port == 0:
+        return False
+    return one.host == other.host or bool({one.host, other.host} & _WILDCARD_HOSTS)
+
+
+SERVER: Schema = {
+    "listen": _address,
+    "admin_listen": _address,
+    "max_body": size(),
+    "drain": duration(allow_zero=True),
+    "shutdown_grace": duration(allow_zero=True),
+    "workers": integer(minimum=1),
+    "keepalive_timeout": duration(allow_zero=False),
+    "trusted_proxies": list_of(
+        text(parse_network, "an IP address or CIDR like 10.0.0.0/8"),
+        "a list of IP addresses or CIDRs like [10.0.0.0/8]",
+    ),
+    "reload_interval": duration(allow_zero=True),
+    "ready_requires_state": boolean,
+}
+
+
+# --- upstream, state, identity, logging -------------------------------------------------------
+
+
+def _upstream(url: UpstreamTarget | None = None, **values: Any) -> UpstreamConfig:
+    # One `url:` key fills five fields: the URL as written and the parts the proxy needs.
+    if url is not None:
+        values.update(
+            url=url.url, scheme=url.scheme, host=url.host, port=url.port, base_path=url.base_path
+        )
+    return UpstreamConfig(**values)
+
+
+UPSTREAM: Schema = {
+    "url": text(parse_upstream_url, "a URL like http://127.0.0.1:8080"),
+    "connect_timeout": duration(allow_zero=False),
+    "max_connections": integer(minimum=1),
+    "idle_timeout": duration(allow_zero=False),
+    "health_path": optional(_path),
+    "websocket_max_message": size(minimum=1),
+}
+
+STATE: Schema = {
+    "url": text(parse_state_url, "a URL like memory:// or redis://host:6379/0"),
+    "key_prefix": text(parse_key_prefix, "a string"),
+    "timeout": duration(allow_zero=False),
+    "max_connections": integer(minimum=1),
+}
+
+IDENTITY: Schema = {
+    "org_header": _header_name,
+    "user_header": _header_name,
+}
+
+
+def _access_log(redact_headers: tuple[str, ...] = (), **values: Any) -> AccessLogConfig:
+    # Listed headers add to the built-in set: a config can never un-redact Authorization.
+    builtin = AccessLogConfig().redact_headers
+    return AccessLogConfig(redact_headers=builtin | frozenset(redact_headers), **values)
+
+
+ACCESS_LOG: Schema = {
+    "enabled": boolean,
+    "sample": fraction,
+    "include_query": boolean,
+    "headers": _header_names,
+    "redact_headers": _header_names,
+}
+
+LOGGING: Schema = {
+    "level": choice(("debug", "info", "warning", "error")),
+    "access": section(_access_log, ACCESS_LOG),
+}
+
+
+# --- routes -----------------------------------------------------------------------------------
+
+_PATH_CONDITIONS = ("path", "path_prefix", "path_regex")
+_CONDITIONS = (*_PATH_CONDITIONS, "host", "methods")
+_method_list = list_of(
+    text(parse_method, "an HTTP method like GET"), "a list of HTTP methods like [GET, POST]"
+)
+
+
+def _methods(node: RawNode, path: str, log: IssueLog) -> frozenset[str]:
+    methods = _method_list(node, path, log)
+    if not methods:
+        raise Invalid("expected at least one HTTP method, got an empty list")
+    return frozenset(methods)
+
+
+MATCH: Schema = {
+    "path": _path,
+    "path_prefix": _path,
+    "path_regex": text(parse_path_regex, "a regular expression"),
+    "host": text(parse_host, "a host like api.example.com or *.example.com"),
+    "methods": _methods,
+}
+
+
+def _route_match(node: RawNode, path: str, log: IssueLog) -> RouteMatch:
+    mapping = mapping_of(node, "a mapping of conditions like {path_prefix: /orders}")
+    if not mapping.entries:
+        raise Invalid(
+            f"expected at least one of {', '.join(_CONDITIONS)} (path_prefix: / matches everything)"
+        )
+    single_path = _check_single_path(mapping, path, log)
+    values = read_fields(mapping, path, log, MATCH)
+    # A match with a dropped condition would match more than the user wrote: drop the route.
+    if not single_path or len(values) != len(mapping.entries):
+        raise Invalid()
+    return RouteMatch(**values)
+
+
+def _check_single_path(node: RawMap, path: str, log: IssueLog) -> bool:
+    present = [key for key in node.entries if key in _PATH_CONDITIONS]
+    for extra in present[1:]:
+        first = present[0]
+        message = (
+            f"only one of path, path_prefix and path_regex can be set"
+            f" ({first} is already set at line {node.entries[first].key_line})"
+        )
+        log.add(node.entries[extra].key_line, join(path, extra), message)
+    return len(present) <= 1
+
+
+# Route-level settings other than name and match. `defaults:` accepts exactly these, and
+# merges them into every route. A new per-route policy section (say `idempotency:`) is one
+# entry here, e.g. `"idempotency": section(IdempotencyConfig, IDEMPOTENCY)`, plus its field on
+# RouteConfig; defaults, deep merging and error reporting then come for free.
+ROUTE_POLICIES: Schema = {
+    "timeout": duration(allow_zero=False),
+    "idle_timeout": duration(allow_zero=False),
+    "max_body": size(),
+}
+
+ROUTE: Schema = {
+    "name": text(parse_route_name, "a route name"),
+    "match": _route_match,
+    **ROUTE_POLICIES,
+}
+_PER_ROUTE_ONLY = tuple(key for key in ROUTE if key not in ROUTE_POLICIES)
+
+
+class _RouteDefaults:
+    """The `defaults:` section, checked once on its own and kept raw for merging into routes."""
+
+    def __init__(self, root: RawMap, log: IssueLog) -> None:
+        self.raw = RawMap({}, 0)
+        self.values: dict[str, Any] = {}
+        entry = root.entries.get("defaults")
+        if entry is None:
+            return
+        try:
+            node = mapping_of(entry.value, "a mapping of route settings like {timeout: 15s}")
+        except Invalid as error:
+            log.add(entry.value.line, "defaults", str(error.message))
+            return
+        for key in _PER_ROUTE_ONLY:
+            if key in node.entries:
+                message = f"'{key}' is set per route and cannot have a default"
+                log.add(node.entries[key].key_line, join("defaults", key), message)
+        policies = {key: item for key, item in node.entries.items() if key not in _PER_ROUTE_ONLY}
+        # Only known keys are merged, so an unknown default is reported once, here.
+        self.raw = RawMap(
+            {key: item for key, item in policies.items() if key in ROUTE_POLICIES}, node.line
+        )
+        self.values = read_fields(RawMap(policies, node.line), "defaults", log, ROUTE_POLICIES)
+
+
+def _deep_merge(base: RawMap, override: RawMap) -> RawMap:
+    """`override`'s entries win; where both hold a mapping, the two are merged key by key."""
+    entries: dict[str, RawEntry] = dict(override.entries)
+    for key, entry in base.entries.items():
+        mine = entries.get(key)
+        if mine is None:
+            entries[key] = entry
+        elif isinstance(mine.value, RawMap) and isinstance(entry.value, RawMap):
+            entries[key] = RawEntry(mine.key_line, _deep_merge(entry.value, mine.value))
+    return RawMap(entries, override.line)
+
+
+def _route_items(root: RawMap, log: IssueLog) -> tuple[RawNode, ...]:
+    entry = root.entries.get("routes")
+    if entry is None:
+        return ()
+    node = entry.value
+    if isinstance(node, RawScalar) and node.value is None and not node.expanded:
+        return ()
+    if not isinstance(node, RawSeq):
+        message = f"expected a list of routes (- name: ..., match: ...), got {describe(node)}"
+        log.add(node.line, "routes", message, at=node)
+        return ()
+    return node.items
+
+
+def _route(
+    node: RawNode, path: str, log: IssueLog, defaults: _RouteDefaults, server: ServerConfig
+) -> RouteConfig:
+    if not isinstance(node, RawMap):
+        raise Invalid(f"expected a route mapping with name: and match:, got {describe(node)}")
+    for key in _PER_ROUTE_ONLY:
+        if key not in node.entries:
+            log.add(node.line, path, f"missing required key '{key}'")
+    values = read_fields(_deep_merge(defaults.raw, node), path, log, ROUTE)
+    if any(key not in values for key in _PER_ROUTE_ONLY):
+        raise Invalid()
+    values.setdefault("max_body", server.max_body)
+    return RouteConfig(**values, line=node.line)
+
+
+def _catch_all_route(policies: Mapping[str, Any], server: ServerConfig) -> RouteConfig:
+    values = {"max_body": server.max_body, **policies}
+    return RouteConfig(name=DEFAULT_ROUTE_NAME, match=RouteMatch(path_prefix="/"), **values)
+
+
+def _routes(root: RawMap, server: ServerConfig, log: IssueLog) -> tuple[RouteConfig, ...]:
+    defaults = _RouteDefaults(root, log)
+    items = _route_items(root, log)
+    if not items:
+        return (_catch_all_route(defaults.values, server),)
+
+    def build(node: RawNode, path: str, log: IssueLog) -> RouteConfig:
+        return _route(node, path, log, defaults, server)
+
+    built: list[tuple[str, RouteConfig]] = []
+    for index, item in enumerate(items):
+        path = f"routes[{index}]"
+        route = convert(build, item, path, log)
+        if not isinstance(route, Missing):
+            built.append((path, route))
+    _check_unique_names(items, log)
+    _check_reachable(built, log)
+    return tuple(route for _, route in built)
+
+
+def _check_unique_names(items: tuple[RawNode, ...], log: IssueLog) -> None:
+    # Checked on the raw routes, so a route dropped for another mistake still claims its name.
+    first_lines: dict[str, int] = {}
+    for index, item in enumerate(items):
+        entry = item.entries.get("name") if isinstance(item, RawMap) else None
+        if entry is None:
+            continue
+        path = f"routes[{index}].name"
+        name = convert(ROUTE["name"], entry.value, path, log)  # a repeated complaint is dropped
+        if isinstance(name, str):
+            first = first_lines.setdefault(name, entry.value.line)
+            if first != entry.value.line:
+                message = f"duplicate route name '{name}' (first used at line {first})"
+                log.add(entry.value.line, path, message)
+
+
+def _check_reachable(routes: list[tuple[str, RouteConfig]], log: IssueLog) -> None:
+    # First match wins, so a route behind a catch-all (or behind the very same match) can
+    # never be selected: almost certainly a mistake in the order.
+    for position, (path, route) in enumerate(routes):
+        for _, earlier in routes[:position]:
+            if earlier.match.is_catch_all:
+                reason = "matches every request"
+            elif earlier.match == route.match:
+                reason = "has the same match"
+            else:
+                continue
+            log.add(
+                route.line,
+                path,
+                f"unreachable: route '{earlier.name}' at line {earlier.line} {reason}",
+            )
+            break
+
+
+# --- the whole file ---------------------------------------------------------------------------
+
+SECTIONS: Mapping[str, Converter[Any]] = {
+    "server": section(ServerConfig, SERVER, _check_server),
+    "upstream": section(_upstream, UPSTREAM),
+    "state": section(StateConfig, STATE),
+    "identity": section(IdentityConfig, IDENTITY),
+    "logging": section(LoggingConfig, LOGGING),
+}
+_TOP_LEVEL_KEYS = (*SECTIONS, "defaults", "routes")
+
+
+def _config(root: RawNode, log: IssueLog) -> SidecarConfig:
+    if not isinstance(root, RawMap):
+        expected = "a mapping of sections like server:, upstream:, routes: at the top level"
+        if not (isinstance(root, RawScalar) and root.broken):
+            log.add(root.line, DOCUMENT, f"expected {expected}, got {describe(root)}")
+        return SidecarConfig()
+    for key, entry in root.entries.items():
+        # `x-` keys are free for YAML anchors to live in (as in Docker Compose files).
+        if key not in _TOP_LEVEL_KEYS and not key.startswith(EXTENSION_PREFIX):
+            log.add(entry.key_line, key, unknown_key(key, _TOP_LEVEL_KEYS), at=entry)
+    sections: dict[str, Any] = {}
+    for key, converter in SECTIONS.items():
+        found = root.entries.get(key)
+        value = MISSING if found is None else convert(converter, found.value, key, log)
+        if not isinstance(value, Missing):
+            sections[key] = value
+    server = sections.get("server", ServerConfig())
+    return SidecarConfig(**sections, routes=_routes(root, server, log))
+
+
+def _load(text: str, source: str, sha256: str, env: Mapping[str, str] | None) -> SidecarConfig:
+    log = IssueLog(source)
+    root = compose(text, log, os.environ if env is None else env)
+    config = _config(root, log) if root is not None else SidecarConfig()
+    log.raise_if_any()
+    return replace(config, source=source, sha256=sha256, loaded_at=time.time())
+
+
+def parse_config(
+    text: str, source: str = "<string>", env: Mapping[str, str] | None = None
+) -> SidecarConfig:
+    """Validate YAML `text`; `source` names it in messages. Raises ConfigError."""
+    return _load(text, source, hashlib.sha256(text.encode("utf-8")).hexdigest(), env)
+
+
+def load_config(
+    path: str | os.PathLike[str], env: Mapping[str, str] | None = None
+) -> SidecarConfig:
+    """Read and validate the YAML file at `path`; `env` defaults to os.environ.
+
+    Raises ConfigError for an invalid config, OSError when the file cannot be read.
+    """
+    source = os.fspath(path)
+    data = Path(source).read_bytes()
+    try:
+        decoded = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        message = f"the file is not valid UTF-8 ({error.reason} at byte {error.start})"
+        raise ConfigError([ConfigIssue(source, line, DOCUMENT, message)]) from None
+    return _load(decoded, source, hashlib.sha256(data).hexdigest(), env)
+
+
+def embedded_config(upstream_url: str | None = None) -> SidecarConfig:
+    """The built-in configuration: every default, one catch-all route, in-memory state.
+
+    Raises ConfigError if `upstream_url` is not a valid upstream URL.
+    """
+    upstream = UpstreamConfig()
+    if upstream_url is not None:
+        try:
+            upstream = _upstream(parse_upstream_url(upstream_url))
+        except ValueError as error:
+            issue = ConfigIssue(EMBEDDED_SOURCE, 0, "upstream.url", str(error))
+            raise ConfigError([issue]) from None
+    server = ServerConfig()
+    return SidecarConfig(
+        server=server,
+        upstream=upstream,
+        routes=(_catch_all_route({}, server),),
+        source=EMBEDDED_SOURCE,
+        loaded_at=time.time(),
+    )

@@ -1,0 +1,149 @@
+"""The frozen, precompiled configuration the rest of the sidecar reads.
+
+Everything here is built once by the loader; the hot path only reads these objects.
+Durations are float seconds, sizes are int bytes, header names are lower-case.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """A host and port to listen on."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    listen: Address = Address("0.0.0.0", 8000)
+    admin_listen: Address = Address("0.0.0.0", 9901)
+    max_body: int = 10 * 1024 * 1024
+    drain: float = 5.0
+    shutdown_grace: float = 25.0
+    workers: int = 1
+    # Client-side keep-alive; above common load-balancer idle timeouts (AWS ALB: 60 s)
+    # so the LB, not the sidecar, closes idle connections and never races us.
+    keepalive_timeout: float = 75.0
+    # Peers whose X-Forwarded-Proto/-Host are believed; everyone else's are replaced.
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    # How often the config file is checked for changes (0 turns watching off).
+    reload_interval: float = 1.0
+    # Gate /ready on the state backend's health (reported only, by default).
+    ready_requires_state: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    url: str = "http://127.0.0.1:8080"
+    scheme: str = "http"
+    host: str = "127.0.0.1"
+    port: int = 8080
+    # Path prefix of `url` (no trailing slash), prepended to every forwarded path.
+    base_path: str = ""
+    connect_timeout: float = 1.0
+    max_connections: int = 256
+    # Pooled keep-alive connections are dropped after this long idle: below gunicorn's 2 s and
+    # uvicorn's/Node's 5 s, so the app never closes a connection we are about to reuse.
+    idle_timeout: float = 1.5
+    # Readiness probes the upstream with a TCP connect, or an HTTP GET of this path if set.
+    health_path: str | None = None
+    # Largest WebSocket message relayed (aiohttp's default is 4 MiB on both sides).
+    websocket_max_message: int = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class StateConfig:
+    url: str = "memory://"
+    key_prefix: str = "sidecar:"
+    timeout: float = 0.1
+    max_connections: int = 64
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityConfig:
+    org_header: str = "x-org-id"
+    user_header: str = "x-user-id"
+
+
+@dataclass(frozen=True, slots=True)
+class AccessLogConfig:
+    enabled: bool = True
+    # Fraction of requests logged, 0.0-1.0 (errors, status >= 500, are always logged).
+    sample: float = 1.0
+    include_query: bool = False
+    # Request headers logged as `req_headers` (lower-case); redacted ones are never logged.
+    headers: tuple[str, ...] = ()
+    # Never logged, whatever `headers` says; the built-in set is always included.
+    redact_headers: frozenset[str] = frozenset(
+        {"authorization", "proxy-authorization", "cookie", "set-cookie"}
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingConfig:
+    level: str = "info"
+    access: AccessLogConfig = AccessLogConfig()
+
+
+@dataclass(frozen=True, slots=True)
+class RouteMatch:
+    """How a request is matched; every condition that is set must hold."""
+
+    path: str | None = None
+    path_prefix: str | None = None
+    path_regex: re.Pattern[str] | None = None
+    # Exact host (lower-case, no port), or a "*.example.com" suffix wildcard.
+    host: str | None = None
+    # Upper-case method names; None matches every method.
+    methods: frozenset[str] | None = None
+
+    @property
+    def is_catch_all(self) -> bool:
+        """True when this match accepts every request (so later routes are unreachable)."""
+        return (
+            self.path is None
+            and self.path_regex is None
+            and self.host is None
+            and self.methods is None
+            and self.path_prefix in (None, "/")
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    name: str
+    match: RouteMatch
+    # Deadline for the upstream's response headers; past it the client gets 504.
+    timeout: float = 15.0
+    # Longest silence allowed between two body chunks of a streamed response.
+    idle_timeout: float = 300.0
+    # Largest request body accepted on this route (defaults to server.max_body).
+    max_body: int = 10 * 1024 * 1024
+    # The YAML line the route starts on, for messages.
+    line: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SidecarConfig:
+    server: ServerConfig = ServerConfig()
+    upstream: UpstreamConfig = UpstreamConfig()
+    state: StateConfig = StateConfig()
+    identity: IdentityConfig = IdentityConfig()
+    logging: LoggingConfig = LoggingConfig()
+    routes: tuple[RouteConfig, ...] = ()
+    # Where it came from: the file path ("<embedded>" for the built-in default),
+    # the SHA-256 of its bytes, and when it was loaded (Unix time).
+    source: str = "<embedded>"
+    sha256: str = ""
+    loaded_at: float = 0.0

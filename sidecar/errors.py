@@ -1,0 +1,87 @@
+"""The sidecar's own error responses: RFC 9457 problem details with stable types.
+
+Every error the sidecar answers by itself is one `Problem` from this catalogue, so the
+`type` URIs stay stable and documented (docs/errors.md lists them all).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import orjson
+from multidict import CIMultiDict
+
+from sidecar.chain import ProxyResponse
+
+PROBLEM_CONTENT_TYPE = "application/problem+json"
+_TYPE_PREFIX = "urn:sidecar:problem:"
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    slug: str
+    status: int
+    title: str
+
+    @property
+    def type(self) -> str:
+        return _TYPE_PREFIX + self.slug
+
+
+BAD_REQUEST = Problem("bad-request", 400, "The request could not be understood")
+ROUTE_NOT_FOUND = Problem("route-not-found", 404, "No route matches this request")
+BODY_TOO_LARGE = Problem("body-too-large", 413, "Request body too large")
+UPSTREAM_CONNECT_FAILED = Problem(
+    "upstream-connect-failed", 502, "The upstream application could not be reached"
+)
+UPSTREAM_RESET = Problem(
+    "upstream-reset", 502, "The upstream application closed the connection without a response"
+)
+UPSTREAM_BAD_RESPONSE = Problem(
+    "upstream-bad-response", 502, "The upstream application sent an invalid response"
+)
+UPSTREAM_TIMEOUT = Problem(
+    "upstream-timeout", 504, "The upstream application did not answer in time"
+)
+WEBSOCKET_FAILED = Problem(
+    "websocket-upgrade-failed", 502, "The upstream application refused the WebSocket upgrade"
+)
+
+CATALOGUE: tuple[Problem, ...] = (
+    BAD_REQUEST,
+    ROUTE_NOT_FOUND,
+    BODY_TOO_LARGE,
+    UPSTREAM_CONNECT_FAILED,
+    UPSTREAM_RESET,
+    UPSTREAM_BAD_RESPONSE,
+    UPSTREAM_TIMEOUT,
+    WEBSOCKET_FAILED,
+)
+
+
+def problem_response(
+    problem: Problem,
+    request_id: str,
+    detail: str | None = None,
+    extra_headers: dict[str, str] | None = None,
+    status: int | None = None,
+    **members: object,
+) -> ProxyResponse:
+    """Build the problem+json response; `members` become extension members of the body.
+
+    `status` overrides the problem's usual status where the code must follow another
+    party (a refused WebSocket upgrade keeps the app's own status).
+    """
+    status = status or problem.status
+    body: dict[str, object] = {"type": problem.type, "title": problem.title, "status": status}
+    if detail is not None:
+        body["detail"] = detail
+    body["request_id"] = request_id
+    body.update(members)
+    headers: CIMultiDict[str] = CIMultiDict()
+    headers["Content-Type"] = PROBLEM_CONTENT_TYPE
+    # Our own answers must never be cached by an intermediary as if they came from the app.
+    headers["Cache-Control"] = "no-store"
+    if extra_headers:
+        headers.update(extra_headers)
+    return ProxyResponse(status=status, headers=headers, body=orjson.dumps(body))

@@ -1,0 +1,312 @@
+"""The proxy core: one aiohttp request in, one response out, through its route's chain.
+
+This is the whole path of a request: read what the route table needs, build the upstream
+headers once, run the route's chain (policies, then the forwarder), write the response
+back (streamed or from memory), then record metrics and the access log line.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+import uuid
+from dataclasses import dataclass
+
+from aiohttp import hdrs, web
+from multidict import CIMultiDict
+
+from sidecar import errors
+from sidecar.chain import BodyTooLarge, Next, ProxyRequest, ProxyResponse
+from sidecar.config import SidecarConfig
+from sidecar.logs import AccessLog, LogSink
+from sidecar.metrics import Metrics, RouteMetrics
+from sidecar.routing import RouteTable
+from sidecar.upstream import UpstreamFailure, strip_hop_by_hop
+
+REQUEST_ID_HEADER = "X-Request-Id"
+# RFC 9110 §9.3.7: OPTIONS * asks about the server itself, which here is the sidecar.
+_SERVER_METHODS = "GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS"
+_MAX_REQUEST_ID = 128
+_UNMATCHED = "unmatched"
+
+
+@dataclass(frozen=True, slots=True)
+class Runtime:
+    """Everything one config generation serves with; hot reload swaps the whole object."""
+
+    config: SidecarConfig
+    routes: RouteTable
+    access_log: AccessLog | None
+
+
+class RuntimeHolder:
+    """The one mutable reference the handler reads: swapped atomically on reload."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.draining = False
+
+
+def valid_request_id(value: str | None) -> bool:
+    """Client ids are kept only if short and made of safe, printable characters."""
+    return (
+        value is not None
+        and 0 < len(value) <= _MAX_REQUEST_ID
+        and value.isascii()
+        and value.isprintable()
+        and '"' not in value
+        and "\\" not in value
+    )
+
+
+def origin_form(target: str) -> str | None:
+    """The request target as path+query; absolute-form (RFC 9112 §3.2.2) is converted."""
+    if target.startswith("/"):
+        return target
+    scheme, sep, rest = target.partition("://")
+    if not sep or scheme.lower() not in ("http", "https"):
+        return None
+    slash = rest.find("/")
+    query = rest.find("?")
+    if slash == -1 or (query != -1 and query < slash):
+        return "/" + rest[query:] if query != -1 else "/"
+    return rest[slash:]
+
+
+class ProxyHandler:
+    """The aiohttp low-level handler for client traffic."""
+
+    def __init__(self, holder: RuntimeHolder, metrics: Metrics, log: LogSink) -> None:
+        self.holder = holder
+        self.metrics = metrics
+        self.log = log
+        self._unmatched = metrics.route(_UNMATCHED)
+
+    async def __call__(self, raw: web.BaseRequest) -> web.StreamResponse:
+        started = time.perf_counter()
+        runtime = self.holder.runtime
+        incoming_id = raw.headers.get(REQUEST_ID_HEADER)
+        request_id = incoming_id if valid_request_id(incoming_id) else str(uuid.uuid4())
+        assert request_id is not None
+        target = origin_form(raw.raw_path)
+        if target is None:
+            return await self._local(
+                raw, runtime, started, request_id, _server_options(raw, request_id)
+            )
+        path = target.partition("?")[0]
+        route = runtime.routes.match(raw.method, raw.headers.get(hdrs.HOST, ""), path)
+        if route is None:
+            response = errors.problem_response(
+                errors.ROUTE_NOT_FOUND, request_id, detail=f"no route for {raw.method} {path}"
+            )
+            return await self._local(raw, runtime, started, request_id, response)
+        request = ProxyRequest(
+            method=raw.method,
+            target=target,
+            path=path,
+            headers=self._upstream_headers(raw, runtime.config, request_id),
+            route=route.config,
+            request_id=request_id,
+            client_ip=raw.remote or "",
+            raw=raw,
+        )
+        metrics = route.metrics
+        metrics.in_flight.inc()
+        status = 500
+        bytes_out = 0
+        try:
+            response = await self._run_chain(request, route.chain, metrics)
+            status = response.status
+            stream, bytes_out = await self._send(raw, response, request_id, metrics)
+            return stream
+        finally:
+            metrics.in_flight.dec()
+            metrics.count_request(raw.method, status)
+            duration = time.perf_counter() - started
+            metrics.duration.observe(duration)
+            self._access(runtime, request, route.config.name, status, duration, bytes_out)
+
+    async def _run_chain(
+        self, request: ProxyRequest, chain: Next, metrics: RouteMetrics
+    ) -> ProxyResponse:
+        limit = request.route.max_body
+        declared = request.raw.content_length
+        if declared is not None and declared > limit:
+            # Refused before a byte of the body is read (and before 100 Continue is sent).
+            return _too_large(request.request_id, limit)
+        try:
+            return await chain(request)
+        except BodyTooLarge as exc:
+            return _too_large(request.request_id, exc.limit)
+        except UpstreamFailure as failure:
+            metrics.count_upstream_error(failure.kind)
+            self.log.event(
+                "upstream.error",
+                level="warning",
+                route=request.route.name,
+                kind=failure.kind,
+                detail=failure.detail,
+                request_id=request.request_id,
+            )
+            return errors.problem_response(failure.problem, request.request_id, failure.detail)
+
+    def _upstream_headers(
+        self, raw: web.BaseRequest, config: SidecarConfig, request_id: str
+    ) -> CIMultiDict[str]:
+        headers = strip_hop_by_hop(raw.headers)
+        headers[REQUEST_ID_HEADER] = request_id
+        # The client's own Expect is answered by the sidecar (see upstream._BodyStream).
+        headers.popall(hdrs.EXPECT, None)
+        peer = raw.remote or ""
+        forwarded_for = raw.headers.get("X-Forwarded-For")
+        headers["X-Forwarded-For"] = f"{forwarded_for}, {peer}" if forwarded_for else peer
+        trusted = _is_trusted(peer, config)
+        if not (trusted and "X-Forwarded-Proto" in raw.headers):
+            headers["X-Forwarded-Proto"] = "https" if raw.secure else "http"
+        if not (trusted and "X-Forwarded-Host" in raw.headers):
+            host = raw.headers.get(hdrs.HOST)
+            if host is None:
+                headers.popall("X-Forwarded-Host", None)
+            else:
+                headers["X-Forwarded-Host"] = host
+        return headers
+
+    async def _send(
+        self,
+        raw: web.BaseRequest,
+        response: ProxyResponse,
+        request_id: str,
+        metrics: RouteMetrics,
+    ) -> tuple[web.StreamResponse, int]:
+        """Write the response to the client; returns it and the body bytes written."""
+        if response.websocket is not None:
+            return await response.websocket(raw), 0
+        response.headers[REQUEST_ID_HEADER] = request_id
+        stream = web.StreamResponse(
+            status=response.status, reason=response.reason, headers=response.headers
+        )
+        if self.holder.draining:
+            # Tell keep-alive clients to reconnect, which takes them to another replica.
+            stream.force_close()
+        body = response.body
+        if body is None:
+            await stream.prepare(raw)
+            return stream, 0
+        if isinstance(body, bytes):
+            stream.content_length = len(body)
+            await stream.prepare(raw)
+            await stream.write_eof(body)
+            return stream, len(body)
+        return stream, await self._stream_body(raw, stream, response, metrics)
+
+    async def _stream_body(
+        self,
+        raw: web.BaseRequest,
+        stream: web.StreamResponse,
+        response: ProxyResponse,
+        metrics: RouteMetrics,
+    ) -> int:
+        assert response.body is not None and not isinstance(response.body, bytes)
+        written = 0
+        await stream.prepare(raw)
+        try:
+            async for chunk in response.body:
+                await stream.write(chunk)
+                written += len(chunk)
+        except Exception as exc:
+            if not isinstance(exc, ConnectionError):
+                metrics.count_upstream_error("stream")
+            # The status line is gone already: cut the connection so the client sees a
+            # truncated body, never a short one that looks complete.
+            if raw.transport is not None:
+                raw.transport.abort()
+            raise
+        finally:
+            if response.release is not None:
+                response.release()
+        return written
+
+    async def _local(
+        self,
+        raw: web.BaseRequest,
+        runtime: Runtime,
+        started: float,
+        request_id: str,
+        response: ProxyResponse,
+    ) -> web.StreamResponse:
+        """Answer a request that matched no route (404, OPTIONS *, a bad target)."""
+        stream, bytes_out = await self._send(raw, response, request_id, self._unmatched)
+        self._unmatched.count_request(raw.method, response.status)
+        duration = time.perf_counter() - started
+        log = runtime.access_log
+        if log is not None and log.wanted(response.status):
+            log.write(
+                route=_UNMATCHED,
+                method=raw.method,
+                target=raw.raw_path,
+                status=response.status,
+                duration=duration,
+                upstream_duration=None,
+                bytes_in=0,
+                bytes_out=bytes_out,
+                client=raw.remote or "",
+                request_id=request_id,
+                headers=raw.headers,
+            )
+        return stream
+
+    def _access(
+        self,
+        runtime: Runtime,
+        request: ProxyRequest,
+        route: str,
+        status: int,
+        duration: float,
+        bytes_out: int,
+    ) -> None:
+        log = runtime.access_log
+        if log is None or not log.wanted(status):
+            return
+        log.write(
+            route=route,
+            method=request.method,
+            target=request.target,
+            status=status,
+            duration=duration,
+            upstream_duration=request.upstream_seconds,
+            bytes_in=request.raw.content.total_bytes,
+            bytes_out=bytes_out,
+            client=request.client_ip,
+            request_id=request.request_id,
+            headers=request.raw.headers,
+            extra=request.log_fields or None,
+        )
+
+
+def _is_trusted(peer: str, config: SidecarConfig) -> bool:
+    networks = config.server.trusted_proxies
+    if not networks or not peer:
+        return False
+    try:
+        address = ipaddress.ip_address(peer)
+    except ValueError:
+        return False
+    return any(address in network for network in networks)
+
+
+def _too_large(request_id: str, limit: int) -> ProxyResponse:
+    return errors.problem_response(
+        errors.BODY_TOO_LARGE,
+        request_id,
+        detail=f"the request body is larger than this route's limit of {limit} bytes",
+        max_body=limit,
+    )
+
+
+def _server_options(raw: web.BaseRequest, request_id: str) -> ProxyResponse:
+    if raw.method == "OPTIONS" and raw.raw_path == "*":
+        headers: CIMultiDict[str] = CIMultiDict({"Allow": _SERVER_METHODS})
+        return ProxyResponse(200, headers, b"")
+    return errors.problem_response(
+        errors.BAD_REQUEST, request_id, detail="the request target must be a path (origin-form)"
+    )

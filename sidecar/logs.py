@@ -1,0 +1,148 @@
+"""JSON log lines on stdout: the access log and lifecycle/config events.
+
+Lines are encoded with orjson and written in batches, once per event-loop turn, so a busy
+sidecar makes one write() per batch instead of one per request. When the access log is off
+the handler never builds a line at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import sys
+import time
+from collections.abc import Mapping
+from typing import BinaryIO
+
+import orjson
+
+from sidecar.config import AccessLogConfig
+
+LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+# Header values are client input: bounded and made printable before they reach a log line.
+MAX_LOGGED_VALUE = 512
+
+
+def sanitise(value: str, limit: int = MAX_LOGGED_VALUE) -> str:
+    """Make client-supplied text safe for a JSON log line: printable, valid UTF-8, bounded."""
+    if len(value) > limit:
+        value = value[:limit] + "..."
+    if value.isascii() and value.isprintable():
+        return value
+    # aiohttp decodes headers with surrogateescape; orjson would reject lone surrogates.
+    out = []
+    for ch in value:
+        if ch.isprintable() and not 0xD800 <= ord(ch) <= 0xDFFF:
+            out.append(ch)
+        else:
+            out.append(f"\\x{ord(ch) & 0xFF:02x}" if ord(ch) < 0x100 or ord(ch) >= 0xDC80 else "?")
+    return "".join(out)
+
+
+def utc_timestamp(now: float) -> str:
+    """RFC 3339 UTC with milliseconds, e.g. 2026-11-22T14:39:59.123Z."""
+    whole = int(now)
+    millis = int((now - whole) * 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{millis:03d}Z"
+
+
+class LogSink:
+    """Buffers encoded lines and writes them once per loop turn (or at once with no loop)."""
+
+    def __init__(self, stream: BinaryIO | None = None, level: str = "info") -> None:
+        self._stream = stream if stream is not None else sys.stdout.buffer
+        self._pending: list[bytes] = []
+        self._scheduled = False
+        self.min_level = LEVELS.get(level, 20)
+
+    def emit(self, record: dict[str, object]) -> None:
+        self._pending.append(orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))
+        if self._scheduled:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            return
+        self._scheduled = True
+        loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        if not self._pending:
+            return
+        lines, self._pending = self._pending, []
+        try:
+            self._stream.write(b"".join(lines))
+            self._stream.flush()
+        except (OSError, ValueError):
+            # A closed or broken stdout must not take the proxy down with it.
+            pass
+
+    def event(self, event: str, level: str = "info", **fields: object) -> None:
+        """A structured event line: `event` names what happened (config.reloaded, ...)."""
+        if LEVELS.get(level, 20) < self.min_level:
+            return
+        record: dict[str, object] = {
+            "ts": utc_timestamp(time.time()),
+            "level": level,
+            "event": event,
+        }
+        record.update(fields)
+        self.emit(record)
+
+
+class AccessLog:
+    """One line per request; built only when this request is to be logged."""
+
+    def __init__(self, config: AccessLogConfig, sink: LogSink) -> None:
+        self._sink = sink
+        self._sample = config.sample
+        self._include_query = config.include_query
+        self._headers = tuple(h for h in config.headers if h not in config.redact_headers)
+
+    def wanted(self, status: int) -> bool:
+        """Whether this request gets a line: sampled, but server errors always do."""
+        return self._sample >= 1.0 or status >= 500 or random.random() < self._sample
+
+    def write(
+        self,
+        *,
+        route: str,
+        method: str,
+        target: str,
+        status: int,
+        duration: float,
+        upstream_duration: float | None,
+        bytes_in: int,
+        bytes_out: int,
+        client: str,
+        request_id: str,
+        headers: Mapping[str, str] | None = None,
+        extra: dict[str, object] | None = None,
+    ) -> None:
+        path = target if self._include_query else target.partition("?")[0]
+        record: dict[str, object] = {
+            "ts": utc_timestamp(time.time()),
+            "level": "info",
+            "event": "access",
+            "route": route,
+            "method": sanitise(method, 32),
+            "path": sanitise(path),
+            "status": status,
+            "duration_ms": round(duration * 1000, 3),
+            "upstream_ms": None
+            if upstream_duration is None
+            else round(upstream_duration * 1000, 3),
+            "bytes_in": bytes_in,
+            "bytes_out": bytes_out,
+            "client": client,
+            "request_id": request_id,
+        }
+        if self._headers and headers is not None:
+            record["req_headers"] = {
+                h: sanitise(v) for h in self._headers if (v := headers.get(h)) is not None
+            }
+        if extra:
+            record.update(extra)
+        self._sink.emit(record)

@@ -1,0 +1,221 @@
+"""The forwarder: sends a ProxyRequest to the app and streams its answer back, byte for byte.
+
+What "faithful" means here, and why each setting below exists:
+- the request target is sent exactly as received (yarl `encoded=True`; no re-quoting);
+- bodies are never decompressed (`auto_decompress=False`) nor re-chunked needlessly;
+- aiohttp's client adds nothing the client did not send (`skip_auto_headers`), keeps no
+  cookies between users (`DummyCookieJar`) and follows no redirects;
+- one pool per process, whose idle timeout sits below the app server's keep-alive timeout,
+  so a pooled connection the app has just closed is never used for a POST.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from functools import partial
+
+import aiohttp
+from aiohttp import hdrs
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from sidecar import errors
+from sidecar.chain import BodyTooLarge, Next, ProxyRequest, ProxyResponse
+from sidecar.config import RouteConfig, UpstreamConfig
+from sidecar.websocket import connect_websocket, is_websocket_upgrade
+
+# RFC 9110 §7.6.1 plus the de-facto Proxy-Connection; every header named in Connection too.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# aiohttp's client would otherwise invent these for every request.
+_SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+# Statuses whose responses never carry a body (RFC 9110 §6.4.1).
+_NO_BODY_STATUSES = frozenset({204, 304})
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+def strip_hop_by_hop(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDict[str]:
+    """Copy headers in order, keeping repeats, without hop-by-hop ones (RFC 9110 §7.6.1)."""
+    named = _connection_tokens(headers)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        lower = name.lower()
+        if lower in HOP_BY_HOP or (named and lower in named):
+            continue
+        out.add(name, value)
+    return out
+
+
+def _connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> frozenset[str]:
+    values = headers.getall(hdrs.CONNECTION, ())
+    if not values:
+        return frozenset()
+    return frozenset(t.strip().lower() for v in values for t in v.split(",") if t.strip())
+
+
+class UpstreamFailure(Exception):
+    """Why a request could not be forwarded; mapped to a problem response by the caller."""
+
+    def __init__(self, kind: str, problem: errors.Problem, detail: str) -> None:
+        super().__init__(detail)
+        self.kind = kind
+        self.problem = problem
+        self.detail = detail
+
+
+@dataclass(slots=True)
+class _BodyStream:
+    """The client's body streamed upstream, counted against the route's limit."""
+
+    request: ProxyRequest
+    limit: int
+    send_continue: bool
+    exceeded: bool = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        if self.send_continue:
+            # Sent only now, when the app is actually about to receive the body: anything that
+            # refused the request earlier (413, 429...) answered without reading it.
+            await self.request.raw.writer.write(_CONTINUE)
+        size = 0
+        async for chunk in self.request.raw.content.iter_any():
+            size += len(chunk)
+            if size > self.limit:
+                self.exceeded = True
+                raise BodyTooLarge(self.limit)
+            yield chunk
+
+
+class Forwarder:
+    """The terminal step of every chain: one pooled aiohttp client per process."""
+
+    def __init__(self, config: UpstreamConfig) -> None:
+        self.config = config
+        self._origin = f"{config.scheme}://{config.host}:{config.port}{config.base_path}"
+        connector = aiohttp.TCPConnector(
+            limit=config.max_connections,
+            keepalive_timeout=config.idle_timeout,
+            ttl_dns_cache=10,
+            enable_cleanup_closed=False,
+        )
+        self.session = aiohttp.ClientSession(
+            connector=connector,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            auto_decompress=False,
+            skip_auto_headers=_SKIP_AUTO_HEADERS,
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=config.connect_timeout),
+        )
+
+    def for_route(self, route: RouteConfig) -> Next:
+        """The terminal step of one route's chain, its timeouts made once at config load."""
+        timeout = aiohttp.ClientTimeout(
+            total=None,
+            sock_connect=self.config.connect_timeout,
+            # Bounds every read, so also the silence between two chunks of a streamed body.
+            sock_read=route.idle_timeout,
+        )
+        return partial(self.forward, client_timeout=timeout)
+
+    async def close(self) -> None:
+        await self.session.close()
+
+    async def forward(
+        self, request: ProxyRequest, client_timeout: aiohttp.ClientTimeout
+    ) -> ProxyResponse:
+        route = request.route
+        if is_websocket_upgrade(request.raw.headers):
+            return await connect_websocket(self, request)
+        url = URL(self._origin + request.target, encoded=True)
+        body, stream = self._request_body(request)
+        sent_at = time.perf_counter()
+        try:
+            async with asyncio.timeout(route.timeout):
+                upstream = await self.session.request(
+                    request.method,
+                    url,
+                    headers=request.headers,
+                    data=body,
+                    allow_redirects=False,
+                    timeout=client_timeout,
+                )
+        except TimeoutError:
+            if stream is not None and stream.exceeded:
+                raise BodyTooLarge(stream.limit) from None
+            raise UpstreamFailure(
+                "timeout",
+                errors.UPSTREAM_TIMEOUT,
+                f"no response from the upstream within {route.timeout:g}s",
+            ) from None
+        except aiohttp.ClientError as exc:
+            if stream is not None and stream.exceeded:
+                raise BodyTooLarge(stream.limit) from None
+            raise classify_client_error(exc) from None
+        request.upstream_seconds = time.perf_counter() - sent_at
+        return self._response(request, upstream)
+
+    def upstream_url(self, target: str) -> URL:
+        return URL(self._origin + target, encoded=True)
+
+    def _request_body(self, request: ProxyRequest) -> tuple[object, _BodyStream | None]:
+        if request.body is not None:
+            return request.body, None
+        raw = request.raw
+        if not raw.body_exists:
+            return None, None
+        stream = _BodyStream(
+            request,
+            request.route.max_body,
+            send_continue=raw.headers.get(hdrs.EXPECT, "").lower() == "100-continue",
+        )
+        return stream, stream
+
+    def _response(self, request: ProxyRequest, upstream: aiohttp.ClientResponse) -> ProxyResponse:
+        headers = strip_hop_by_hop(upstream.headers)
+        status = upstream.status
+        if request.method == "HEAD" or status in _NO_BODY_STATUSES or status < 200:
+            upstream.release()
+            return ProxyResponse(status, headers, None, upstream.reason)
+        return ProxyResponse(
+            status,
+            headers,
+            _relay_chunks(upstream),
+            upstream.reason,
+            release=upstream.release,
+        )
+
+
+async def _relay_chunks(upstream: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    # iter_any hands over whatever has arrived, so server-sent events reach the client
+    # as each event is written, not when some buffer fills.
+    async for chunk in upstream.content.iter_any():
+        yield chunk
+
+
+def classify_client_error(exc: aiohttp.ClientError) -> UpstreamFailure:
+    """Map an aiohttp client error to the kind we count and the problem we answer."""
+    if isinstance(exc, aiohttp.ServerTimeoutError):
+        # sock_connect or sock_read expired: the connection or the app stalled.
+        if "connect" in str(exc).lower():
+            return UpstreamFailure("connect_timeout", errors.UPSTREAM_CONNECT_FAILED, str(exc))
+        return UpstreamFailure("timeout", errors.UPSTREAM_TIMEOUT, str(exc))
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return UpstreamFailure("connect", errors.UPSTREAM_CONNECT_FAILED, str(exc))
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return UpstreamFailure("bad_response", errors.UPSTREAM_BAD_RESPONSE, str(exc))
+    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError):
+        return UpstreamFailure("reset", errors.UPSTREAM_RESET, str(exc) or type(exc).__name__)
+    return UpstreamFailure("reset", errors.UPSTREAM_RESET, str(exc) or type(exc).__name__)

@@ -97,7 +97,7 @@ class Sidecar:
                 )
             )
         access = config.logging.access
-        access_log = AccessLog(access, self.log) if access.enabled and access.sample > 0 else None
+        access_log = AccessLog(access, self.log) if access.enabled else None
         return Runtime(config=config, routes=RouteTable(compiled), access_log=access_log)
 
     # -- start and stop --------------------------------------------------------------

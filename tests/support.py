@@ -4,11 +4,15 @@ exact bytes, raw-socket clients, and an in-process sidecar on free ports."""
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 
+import aiohttp
+import orjson
 from aiohttp import web
 
 from sidecar.app import Sidecar
@@ -221,3 +225,117 @@ def app_with(routes: dict[str, Handler], method: str = "*") -> web.Application:
     for path, handler in routes.items():
         app.router.add_route(method, path, handler)
     return app
+
+
+@dataclass
+class SidecarProcess:
+    """`python -m sidecar run --config FILE` as a child process, stopped by its PID."""
+
+    config_path: str
+    port: int
+    admin_port: int
+    process: asyncio.subprocess.Process | None = None
+    stdout: list[bytes] = field(default_factory=list)
+    _reader: asyncio.Task[None] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    async def start(self, *, ready_path: str = "/live", timeout: float = 20.0) -> SidecarProcess:
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "sidecar",
+            "run",
+            "--config",
+            self.config_path,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        self._reader = asyncio.create_task(self._collect())
+        await self.wait_admin(ready_path, 200, timeout)
+        return self
+
+    async def _collect(self) -> None:
+        assert self.process is not None and self.process.stdout is not None
+        async for line in self.process.stdout:
+            self.stdout.append(line)
+
+    def events(self) -> list[dict[str, object]]:
+        """The JSON log lines printed so far."""
+        out = []
+        for line in self.stdout:
+            if line.startswith(b"{"):
+                out.append(orjson.loads(line))
+        return out
+
+    async def wait_event(self, event: str, timeout: float = 10.0) -> dict[str, object]:
+        async with asyncio.timeout(timeout):
+            while True:
+                for record in self.events():
+                    if record.get("event") == event:
+                        return record
+                await asyncio.sleep(0.02)
+
+    async def wait_admin(self, path: str, status: int, timeout: float = 10.0) -> None:
+        """Poll the admin endpoint until it answers `status` (bounded by `timeout`)."""
+        async with asyncio.timeout(timeout), aiohttp.ClientSession() as session:
+            while True:
+                assert self.process is not None
+                if self.process.returncode is not None:
+                    raise RuntimeError(f"sidecar exited: {b''.join(self.stdout).decode()}")
+                try:
+                    async with session.get(self.admin_url + path) as response:
+                        if response.status == status:
+                            return
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.02)
+
+    def signal(self, signum: int) -> None:
+        os.kill(self.pid, signum)
+
+    async def wait_exit(self, timeout: float = 30.0) -> int:
+        assert self.process is not None
+        async with asyncio.timeout(timeout):
+            code = await self.process.wait()
+        if self._reader is not None:
+            await self._reader
+        return code
+
+    async def stop(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.kill()
+            await self.process.wait()
+        if self._reader is not None:
+            self._reader.cancel()
+
+
+def write_config(
+    path: str,
+    upstream_url: str,
+    port: int,
+    admin_port: int,
+    *,
+    server: dict[str, str] | None = None,
+    extra: str = "",
+) -> None:
+    """Write a config file for a sidecar subprocess; `server` adds keys to `server:`."""
+    lines = ["server:", f"  listen: 127.0.0.1:{port}", f"  admin_listen: 127.0.0.1:{admin_port}"]
+    lines += [f"  {key}: {value}" for key, value in (server or {}).items()]
+    lines += ["upstream:", f"  url: {upstream_url}"]
+    text = "\n".join(lines) + "\n" + extra
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)  # atomic, like a ConfigMap update: a watcher never sees half a file

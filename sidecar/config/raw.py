@@ -96,7 +96,11 @@ def _error_line(error: yaml.MarkedYAMLError) -> int:
 
 def _syntax_message(error: yaml.MarkedYAMLError) -> str:
     parts = [part for part in (error.context, error.problem) if part]
-    return "invalid YAML: " + (", ".join(parts) or "syntax error")
+    message = "invalid YAML: " + (", ".join(parts) or "syntax error")
+    # PyYAML's wording for a mis-indented key; say what it usually means.
+    if "expected <block end>" in message:
+        message += " (check the indentation)"
+    return message
 
 
 def _reader_line(text: str, error: yaml.YAMLError) -> int:

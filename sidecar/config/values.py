@@ -25,7 +25,7 @@ __all__ = [
     "parse_upstream_url",
 ]
 
-ADDRESS_EXPECTED = "an address like 0.0.0.0:8000 or '[::]:8000' (quoted: [ starts a YAML list)"
+ADDRESS_EXPECTED = "an address like 0.0.0.0:8000 or '[::]:8000'"
 STATE_SCHEMES = ("memory", "redis", "rediss", "redis+sentinel", "unix")
 UPSTREAM_SCHEMES = ("http", "https")
 

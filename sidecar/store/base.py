@@ -80,7 +80,7 @@ class StateStore(Protocol):
 
     @property
     def backend(self) -> str:
-        """"redis" or "memory", for /health and metrics labels."""
+        """ "redis" or "memory", for /health and metrics labels."""
         ...
 
     async def execute(self, calls: Sequence[ScriptCall]) -> list[ScriptResult]:

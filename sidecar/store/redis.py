@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
@@ -36,6 +37,7 @@ from redis.exceptions import (
     TryAgainError,
 )
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.maint_notifications import MaintNotificationsConfig
 
 from sidecar.config.model import StateConfig
 from sidecar.store.base import Script, ScriptCall, ScriptResult, StoreError
@@ -212,45 +214,53 @@ def _describe(error: Exception) -> str:
 
 
 def _make_client(config: StateConfig) -> tuple[Redis, Sentinel | None]:
+    if urlsplit(config.url).scheme.lower() == SENTINEL_SCHEME:
+        return _sentinel_client(parse_sentinel_url(config.url), config)
+    # redis://, rediss:// (TLS; ssl_* options in the query) and unix:// are redis-py's own
+    # URL forms. The URL may tune the socket; the settings the store relies on win.
     options: dict[str, Any] = {
+        **_socket_defaults(config.timeout),
+        **parse_url(config.url),
+        **_pinned(config),
+    }
+    return Redis.from_pool(ConnectionPool(**options)), None
+
+
+def _socket_defaults(timeout: float) -> dict[str, Any]:
+    # Backstops only: every call is already bounded by asyncio.timeout(config.timeout).
+    return {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+
+
+def _pinned(config: StateConfig) -> dict[str, Any]:
+    return {
         "max_connections": config.max_connections,
         # No retries: see the module docstring.
         "retry": Retry(NoBackoff(), 0),
-        # Backstops only: every call is already bounded by asyncio.timeout(config.timeout).
-        "socket_timeout": config.timeout,
-        "socket_connect_timeout": config.timeout,
+        # Script replies are defined by Lua -> RESP2 conversion (true -> 1, false -> nil);
+        # RESP3 would turn Lua booleans into True/False and break parity with memory://.
+        "protocol": 2,
         "decode_responses": False,
+        # redis-py 8 skips its stale-connection check on pool checkout while maintenance
+        # notifications are on ("auto" by default), so after a Redis restart the first
+        # call on every pooled connection would fail. They need RESP3 anyway.
+        "maint_notifications_config": MaintNotificationsConfig(enabled=False),
     }
-    if urlsplit(config.url).scheme.lower() == SENTINEL_SCHEME:
-        return _sentinel_client(parse_sentinel_url(config.url), config, options)
-    # redis://, rediss:// (TLS; ssl_* options in the query) and unix:// are redis-py's own.
-    pool = ConnectionPool.from_url(config.url, **options)
-    return Redis.from_pool(pool), None
 
 
-def _sentinel_client(
-    url: SentinelURL, config: StateConfig, options: dict[str, Any]
-) -> tuple[Redis, Sentinel]:
+def _sentinel_client(url: SentinelURL, config: StateConfig) -> tuple[Redis, Sentinel]:
     # Discovery asks the sentinels one after another; each gets a slice of the call's
     # timeout so one hung sentinel cannot use it all and hide the others.
     per_sentinel = config.timeout / (len(url.sentinels) + 1)
-    sentinel_options: dict[str, Any] = {
-        "retry": Retry(NoBackoff(), 0),
-        "socket_timeout": per_sentinel,
-        "socket_connect_timeout": per_sentinel,
-    }
+    sentinel_options = _socket_defaults(per_sentinel) | _pinned(config)
     if url.sentinel_password is not None:
         sentinel_options["password"] = url.sentinel_password
         sentinel_options["username"] = url.sentinel_username
     # redis-py leaves Sentinel.__init__ unannotated.
     sentinel = Sentinel(url.sentinels, sentinel_kwargs=sentinel_options)  # type: ignore[no-untyped-call]
-    # The URL's userinfo authenticates to the master, like it does for redis:// URLs.
+    # The URL's userinfo authenticates to the master, as it does in a redis:// URL.
+    master_options = _socket_defaults(config.timeout) | _pinned(config)
     client = sentinel.master_for(
-        url.service,
-        db=url.db,
-        username=url.username,
-        password=url.password,
-        **options,
+        url.service, db=url.db, username=url.username, password=url.password, **master_options
     )
     return client, sentinel
 

@@ -59,18 +59,28 @@ def valid_request_id(value: str | None) -> bool:
     )
 
 
-def origin_form(target: str) -> str | None:
-    """The request target as path+query; absolute-form (RFC 9112 §3.2.2) is converted."""
+def split_target(target: str) -> tuple[str, str | None] | None:
+    """(origin-form path+query, authority or None) of a request target; None if invalid.
+
+    Absolute-form (`GET http://host/p HTTP/1.1`, RFC 9112 §3.2.2) is turned into origin-form,
+    and its authority replaces the Host header.
+    """
     if target.startswith("/"):
-        return target
+        return target, None
     scheme, sep, rest = target.partition("://")
     if not sep or scheme.lower() not in ("http", "https"):
         return None
-    slash = rest.find("/")
-    query = rest.find("?")
-    if slash == -1 or (query != -1 and query < slash):
-        return "/" + rest[query:] if query != -1 else "/"
-    return rest[slash:]
+    end = len(rest)
+    for delimiter in "/?":
+        index = rest.find(delimiter)
+        if index != -1:
+            end = min(end, index)
+    authority, remainder = rest[:end], rest[end:]
+    if not authority or "@" in authority:
+        return None
+    if not remainder.startswith("/"):
+        remainder = "/" + remainder
+    return remainder, authority
 
 
 class ProxyHandler:
@@ -88,13 +98,15 @@ class ProxyHandler:
         incoming_id = raw.headers.get(REQUEST_ID_HEADER)
         request_id = incoming_id if valid_request_id(incoming_id) else str(uuid.uuid4())
         assert request_id is not None
-        target = origin_form(raw.raw_path)
-        if target is None:
+        split = split_target(raw.raw_path)
+        if split is None:
             return await self._local(
                 raw, runtime, started, request_id, _server_options(raw, request_id)
             )
+        target, authority = split
+        host = authority if authority is not None else raw.headers.get(hdrs.HOST, "")
         path = target.partition("?")[0]
-        route = runtime.routes.match(raw.method, raw.headers.get(hdrs.HOST, ""), path)
+        route = runtime.routes.match(raw.method, host, path)
         if route is None:
             response = errors.problem_response(
                 errors.ROUTE_NOT_FOUND, request_id, detail=f"no route for {raw.method} {path}"
@@ -104,7 +116,7 @@ class ProxyHandler:
             method=raw.method,
             target=target,
             path=path,
-            headers=self._upstream_headers(raw, runtime.config, request_id),
+            headers=self._upstream_headers(raw, runtime.config, request_id, authority),
             route=route.config,
             request_id=request_id,
             client_ip=raw.remote or "",
@@ -151,20 +163,27 @@ class ProxyHandler:
             return errors.problem_response(failure.problem, request.request_id, failure.detail)
 
     def _upstream_headers(
-        self, raw: web.BaseRequest, config: SidecarConfig, request_id: str
+        self,
+        raw: web.BaseRequest,
+        config: SidecarConfig,
+        request_id: str,
+        authority: str | None,
     ) -> CIMultiDict[str]:
         headers = strip_hop_by_hop(raw.headers)
         headers[REQUEST_ID_HEADER] = request_id
+        if authority is not None:
+            headers[hdrs.HOST] = authority
         # The client's own Expect is answered by the sidecar (see upstream._BodyStream).
         headers.popall(hdrs.EXPECT, None)
         peer = raw.remote or ""
-        forwarded_for = raw.headers.get("X-Forwarded-For")
+        # Several field lines of a list header mean the same as one comma-joined line.
+        forwarded_for = ", ".join(raw.headers.getall("X-Forwarded-For", ()))
         headers["X-Forwarded-For"] = f"{forwarded_for}, {peer}" if forwarded_for else peer
         trusted = _is_trusted(peer, config)
         if not (trusted and "X-Forwarded-Proto" in raw.headers):
             headers["X-Forwarded-Proto"] = "https" if raw.secure else "http"
         if not (trusted and "X-Forwarded-Host" in raw.headers):
-            host = raw.headers.get(hdrs.HOST)
+            host = headers.get(hdrs.HOST)
             if host is None:
                 headers.popall("X-Forwarded-Host", None)
             else:

@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import aiohttp
 from aiohttp import hdrs
@@ -100,6 +101,20 @@ class _BodyStream:
             yield chunk
 
 
+class _FaithfulClientRequest(aiohttp.ClientRequest):
+    """aiohttp's request, minus the `Content-Length: 0` it invents for bodiless POST/DELETE.
+
+    A request with neither Content-Length nor Transfer-Encoding has no body (RFC 9112 §6.3),
+    so the header adds nothing but a difference from what the client sent.
+    """
+
+    def update_body_from_data(self, body: Any, *args: Any, **kwargs: Any) -> None:
+        had_length = hdrs.CONTENT_LENGTH in self.headers
+        super().update_body_from_data(body, *args, **kwargs)
+        if body is None and not had_length:
+            self.headers.popall(hdrs.CONTENT_LENGTH, None)
+
+
 class Forwarder:
     """The terminal step of every chain: one pooled aiohttp client per process."""
 
@@ -117,6 +132,7 @@ class Forwarder:
             cookie_jar=aiohttp.DummyCookieJar(),
             auto_decompress=False,
             skip_auto_headers=_SKIP_AUTO_HEADERS,
+            request_class=_FaithfulClientRequest,
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=config.connect_timeout),
         )
 
@@ -139,7 +155,7 @@ class Forwarder:
         route = request.route
         if is_websocket_upgrade(request.raw.headers):
             return await connect_websocket(self, request)
-        url = URL(self._origin + request.target, encoded=True)
+        url = self.upstream_url(request.target)
         body, stream = self._request_body(request)
         sent_at = time.perf_counter()
         try:
@@ -152,6 +168,11 @@ class Forwarder:
                     allow_redirects=False,
                     timeout=client_timeout,
                 )
+        except aiohttp.ClientError as exc:
+            # Before TimeoutError: aiohttp's socket timeouts are TimeoutErrors too.
+            if stream is not None and stream.exceeded:
+                raise BodyTooLarge(stream.limit) from None
+            raise classify_client_error(exc) from None
         except TimeoutError:
             if stream is not None and stream.exceeded:
                 raise BodyTooLarge(stream.limit) from None
@@ -160,10 +181,6 @@ class Forwarder:
                 errors.UPSTREAM_TIMEOUT,
                 f"no response from the upstream within {route.timeout:g}s",
             ) from None
-        except aiohttp.ClientError as exc:
-            if stream is not None and stream.exceeded:
-                raise BodyTooLarge(stream.limit) from None
-            raise classify_client_error(exc) from None
         request.upstream_seconds = time.perf_counter() - sent_at
         return self._response(request, upstream)
 
@@ -206,16 +223,32 @@ async def _relay_chunks(upstream: aiohttp.ClientResponse) -> AsyncIterator[bytes
 
 
 def classify_client_error(exc: aiohttp.ClientError) -> UpstreamFailure:
-    """Map an aiohttp client error to the kind we count and the problem we answer."""
+    """Map an aiohttp client error to the kind we count and the problem we answer.
+
+    The detail is ours, never aiohttp's message: those embed the upstream URL with the
+    client's query string, which must not reach logs or clients.
+    """
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return UpstreamFailure(
+            "connect_timeout",
+            errors.UPSTREAM_CONNECT_FAILED,
+            "connecting to the upstream timed out",
+        )
     if isinstance(exc, aiohttp.ServerTimeoutError):
-        # sock_connect or sock_read expired: the connection or the app stalled.
-        if "connect" in str(exc).lower():
-            return UpstreamFailure("connect_timeout", errors.UPSTREAM_CONNECT_FAILED, str(exc))
-        return UpstreamFailure("timeout", errors.UPSTREAM_TIMEOUT, str(exc))
+        return UpstreamFailure(
+            "timeout", errors.UPSTREAM_TIMEOUT, "the upstream stopped sending data"
+        )
     if isinstance(exc, aiohttp.ClientConnectorError):
-        return UpstreamFailure("connect", errors.UPSTREAM_CONNECT_FAILED, str(exc))
+        reason = exc.os_error.strerror or type(exc.os_error).__name__
+        return UpstreamFailure(
+            "connect", errors.UPSTREAM_CONNECT_FAILED, f"cannot connect to the upstream: {reason}"
+        )
     if isinstance(exc, aiohttp.ClientResponseError):
-        return UpstreamFailure("bad_response", errors.UPSTREAM_BAD_RESPONSE, str(exc))
-    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError):
-        return UpstreamFailure("reset", errors.UPSTREAM_RESET, str(exc) or type(exc).__name__)
-    return UpstreamFailure("reset", errors.UPSTREAM_RESET, str(exc) or type(exc).__name__)
+        return UpstreamFailure(
+            "bad_response",
+            errors.UPSTREAM_BAD_RESPONSE,
+            "the upstream's response is not valid HTTP/1.1",
+        )
+    return UpstreamFailure(
+        "reset", errors.UPSTREAM_RESET, "the upstream closed the connection before responding"
+    )

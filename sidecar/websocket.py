@@ -35,8 +35,15 @@ WSConnection = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
 
 
 def is_websocket_upgrade(headers: CIMultiDictProxy[str]) -> bool:
+    """A handshake needs both `Upgrade: websocket` and the `upgrade` Connection option."""
     upgrade = headers.get("Upgrade")
-    return upgrade is not None and upgrade.lower() == "websocket"
+    if upgrade is None or upgrade.strip().lower() != "websocket":
+        return False
+    return any(
+        token.strip().lower() == "upgrade"
+        for value in headers.getall("Connection", ())
+        for token in value.split(",")
+    )
 
 
 async def connect_websocket(forwarder: Forwarder, request: ProxyRequest) -> ProxyResponse:

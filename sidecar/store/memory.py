@@ -99,7 +99,7 @@ class Keyspace:
 
     # -- introspection (tests, debugging) -----------------------------------------------
 
-    def keys(self) -> list[str]:
+    def live_keys(self) -> list[str]:
         """Live keys (already prefixed), in no particular order."""
         now = self.now_ms()
         return [key for key in self._data if not self._expired(key, now)]

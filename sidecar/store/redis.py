@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -49,9 +50,14 @@ Command = tuple[Any, ...]
 SENTINEL_SCHEME = "redis+sentinel"
 SENTINEL_DEFAULT_PORT = 26379
 
-# Replies meaning "Redis cannot serve this now", not "the script is wrong". BUSY (another
-# script overran lua-time-limit) has no exception class of its own in redis-py.
-_UNAVAILABLE_REPLIES = (ReadOnlyError, OutOfMemoryError, TryAgainError, ClusterDownError)
+# For error messages: "scheme://user:PASSWORD@" and "?...password=PASSWORD".
+_USERINFO_PASSWORD = re.compile(r"^([a-z+]+://[^/@:]*:)[^/@]*@", re.IGNORECASE)
+_QUERY_PASSWORD = re.compile(r"([?&][a-z_]*password=)[^&#]*", re.IGNORECASE)
+
+# Errors meaning "Redis cannot serve this now", not "the script is wrong": connection
+# trouble, and replies like READONLY (a demoted master) or OOM. BUSY (another script overran
+# busy-reply-threshold) has no exception class of its own in redis-py.
+_UNAVAILABLE = (ConnectionError, ReadOnlyError, OutOfMemoryError, TryAgainError, ClusterDownError)
 
 
 class RedisStore:
@@ -153,7 +159,7 @@ class RedisStore:
         answers = await self._pipeline(loads + reruns)
         for script, answer in zip(scripts, answers, strict=False):
             if isinstance(answer, ResponseError):
-                raise StoreError("script", f"{script.name}: cannot load: {answer}")
+                raise StoreError(_reply_kind(answer), f"{script.name}: cannot load: {answer}")
         merged = list(replies)
         for index, answer in zip(missing, answers[len(loads) :], strict=True):
             merged[index] = answer
@@ -198,9 +204,10 @@ def _result(call: ScriptCall, reply: Any) -> ScriptResult:
 
 
 def _reply_kind(error: RedisError) -> str:
-    if isinstance(error, ConnectionError | RedisTimeoutError):
-        return "timeout" if isinstance(error, RedisTimeoutError) else "unavailable"
-    if isinstance(error, _UNAVAILABLE_REPLIES) or str(error).startswith("BUSY"):
+    """The StoreError kind of a Redis error: only the script's own failures are "script"."""
+    if isinstance(error, RedisTimeoutError):
+        return "timeout"
+    if isinstance(error, _UNAVAILABLE) or str(error).startswith("BUSY"):
         return "unavailable"
     return "script"
 
@@ -218,17 +225,27 @@ def _make_client(config: StateConfig) -> tuple[Redis, Sentinel | None]:
         return _sentinel_client(parse_sentinel_url(config.url), config)
     # redis://, rediss:// (TLS; ssl_* options in the query) and unix:// are redis-py's own
     # URL forms. The URL may tune the socket; the settings the store relies on win.
-    options: dict[str, Any] = {
-        **_socket_defaults(config.timeout),
-        **parse_url(config.url),
-        **_pinned(config),
-    }
-    return Redis.from_pool(ConnectionPool(**options)), None
+    # (No socket timeouts needed: asyncio.timeout(config.timeout) bounds every call.)
+    options: dict[str, Any] = {**parse_url(config.url), **_pinned(config)}
+    pool = ConnectionPool(**options)
+    _check_options(pool, config.url)
+    return Redis.from_pool(pool), None
 
 
-def _socket_defaults(timeout: float) -> dict[str, Any]:
-    # Backstops only: every call is already bounded by asyncio.timeout(config.timeout).
-    return {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+def _check_options(pool: ConnectionPool, url: str) -> None:
+    """Fail now on an unknown URL query option, not with a TypeError on first use.
+
+    Connections are only built lazily; building one here (no I/O) checks its arguments.
+    """
+    try:
+        pool.connection_class(**pool.connection_kwargs)
+    except TypeError as exc:
+        raise ValueError(f"state.url: unsupported option in {_redact(url)}: {exc}") from None
+
+
+def _redact(url: str) -> str:
+    """The URL for an error message: passwords (userinfo or query) masked."""
+    return _QUERY_PASSWORD.sub(r"\1***", _USERINFO_PASSWORD.sub(r"\1***@", url))
 
 
 def _pinned(config: StateConfig) -> dict[str, Any]:
@@ -236,8 +253,8 @@ def _pinned(config: StateConfig) -> dict[str, Any]:
         "max_connections": config.max_connections,
         # No retries: see the module docstring.
         "retry": Retry(NoBackoff(), 0),
-        # Script replies are defined by Lua -> RESP2 conversion (true -> 1, false -> nil);
-        # RESP3 would turn Lua booleans into True/False and break parity with memory://.
+        # Replies keep the Lua -> RESP2 shapes the memory backend mirrors: under RESP3 a
+        # script using redis.setresp(3) could return maps and booleans. (No HELLO, either.)
         "protocol": 2,
         "decode_responses": False,
         # redis-py 8 skips its stale-connection check on pool checkout while maintenance
@@ -251,16 +268,18 @@ def _sentinel_client(url: SentinelURL, config: StateConfig) -> tuple[Redis, Sent
     # Discovery asks the sentinels one after another; each gets a slice of the call's
     # timeout so one hung sentinel cannot use it all and hide the others.
     per_sentinel = config.timeout / (len(url.sentinels) + 1)
-    sentinel_options = _socket_defaults(per_sentinel) | _pinned(config)
+    sentinel_options = _pinned(config) | {
+        "socket_timeout": per_sentinel,
+        "socket_connect_timeout": per_sentinel,
+    }
     if url.sentinel_password is not None:
         sentinel_options["password"] = url.sentinel_password
         sentinel_options["username"] = url.sentinel_username
     # redis-py leaves Sentinel.__init__ unannotated.
     sentinel = Sentinel(url.sentinels, sentinel_kwargs=sentinel_options)  # type: ignore[no-untyped-call]
     # The URL's userinfo authenticates to the master, as it does in a redis:// URL.
-    master_options = _socket_defaults(config.timeout) | _pinned(config)
     client = sentinel.master_for(
-        url.service, db=url.db, username=url.username, password=url.password, **master_options
+        url.service, db=url.db, username=url.username, password=url.password, **_pinned(config)
     )
     return client, sentinel
 
@@ -285,18 +304,18 @@ def parse_sentinel_url(url: str) -> SentinelURL:
     username, password = _userinfo(userinfo)
     sentinels = [_host_port(item, url) for item in hostlist.split(",") if item]
     if not sentinels:
-        raise ValueError(f"state.url names no sentinel: {url!r}")
+        raise ValueError(f"state.url names no sentinel: {_redact(url)}")
     path = [unquote(segment) for segment in parts.path.split("/") if segment]
     if not path or len(path) > 2:
-        raise ValueError(f"state.url must end in /service_name[/db]: {url!r}")
+        raise ValueError(f"state.url must end in /service_name[/db]: {_redact(url)}")
     try:
         db = int(path[1]) if len(path) == 2 else 0
     except ValueError:
-        raise ValueError(f"state.url: database must be a number: {url!r}") from None
+        raise ValueError(f"state.url: database must be a number: {_redact(url)}") from None
     query = {name: values[-1] for name, values in parse_qs(parts.query).items()}
     unknown = set(query) - {"sentinel_username", "sentinel_password"}
     if unknown:
-        raise ValueError(f"state.url: unknown sentinel options {sorted(unknown)}: {url!r}")
+        raise ValueError(f"state.url: unknown sentinel options {sorted(unknown)}: {_redact(url)}")
     return SentinelURL(
         sentinels=sentinels,
         service=path[0],
@@ -324,7 +343,7 @@ def _host_port(item: str, url: str) -> tuple[str, int]:
     try:
         port = int(port_text) if port_text else SENTINEL_DEFAULT_PORT
     except ValueError:
-        raise ValueError(f"state.url: bad sentinel port in {item!r}: {url!r}") from None
+        raise ValueError(f"state.url: bad sentinel port in {item!r}: {_redact(url)}") from None
     if not host:
-        raise ValueError(f"state.url: empty sentinel host: {url!r}")
+        raise ValueError(f"state.url: empty sentinel host: {_redact(url)}")
     return host, port

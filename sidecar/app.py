@@ -275,11 +275,13 @@ def _file_sha256(path: str) -> str | None:
 def _restart_only_changes(old: SidecarConfig, new: SidecarConfig) -> list[str]:
     """Settings a running process cannot change: they apply at the next restart."""
     changed = []
-    for name in ("listen", "admin_listen", "workers"):
+    for name in ("listen", "admin_listen", "workers", "keepalive_timeout", "reload_interval"):
         if getattr(old.server, name) != getattr(new.server, name):
             changed.append(f"server.{name}")
     if old.state != new.state:
         changed.append("state")
+    if old.logging.level != new.logging.level:
+        changed.append("logging.level")
     return changed
 
 

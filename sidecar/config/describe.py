@@ -50,7 +50,7 @@ def describe_match(match: RouteMatch) -> str:
         conditions.append(f"path_prefix={match.path_prefix}")
     if match.path_regex is not None:
         conditions.append(f"path_regex={match.path_regex.pattern}")
-    return " ".join(conditions)
+    return " ".join(conditions) or "(any)"
 
 
 def _route_row(order: int, route: RouteConfig) -> tuple[str, ...]:

@@ -5,10 +5,15 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-__all__ = ["DOCUMENT", "ConfigError", "ConfigIssue", "IssueLog"]
+__all__ = ["DOCUMENT", "ConfigError", "ConfigIssue", "IssueLog", "join"]
 
 # The key path of problems that concern the file as a whole (syntax, empty file, top level).
 DOCUMENT = "(document)"
+
+
+def join(path: str, key: str) -> str:
+    """The dotted key path of `key` inside `path`: `server` + `listen` is `server.listen`."""
+    return f"{path}.{key}" if path else key
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +33,10 @@ class ConfigError(Exception):
     def __init__(self, issues: Iterable[ConfigIssue]) -> None:
         self.issues: tuple[ConfigIssue, ...] = tuple(issues)
         super().__init__("\n".join(str(issue) for issue in self.issues))
+
+    def __reduce__(self) -> tuple[type[ConfigError], tuple[tuple[ConfigIssue, ...]]]:
+        # Exception pickles its message string by default; rebuild from the issues instead.
+        return (ConfigError, (self.issues,))
 
 
 class IssueLog:

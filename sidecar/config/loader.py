@@ -15,7 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from sidecar.config.issues import DOCUMENT, ConfigError, ConfigIssue, IssueLog
+from sidecar.config.issues import DOCUMENT, ConfigError, ConfigIssue, IssueLog, join
 from sidecar.config.model import (
     AccessLogConfig,
     Address,
@@ -43,7 +43,6 @@ from sidecar.config.schema import (
     entry_line,
     fraction,
     integer,
-    join,
     list_of,
     mapping_of,
     optional,

@@ -18,7 +18,7 @@ import yaml
 from yaml.constructor import SafeConstructor
 from yaml.resolver import Resolver
 
-from sidecar.config.issues import DOCUMENT, IssueLog
+from sidecar.config.issues import DOCUMENT, IssueLog, join
 
 __all__ = ["RawEntry", "RawMap", "RawNode", "RawScalar", "RawSeq", "compose"]
 
@@ -108,10 +108,6 @@ def _reader_line(text: str, error: yaml.YAMLError) -> int:
     return text.count("\n", 0, position) + 1 if isinstance(position, int) else 1
 
 
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
-
-
 class _Builder:
     """One walk over one composed document."""
 
@@ -162,9 +158,9 @@ class _Builder:
             first = entries.get(key)
             if first is not None:
                 message = f"duplicate key '{key}' (first set at line {first.key_line})"
-                self._log.add(key_line, _join(path, key), message, at=key_node)
+                self._log.add(key_line, join(path, key), message, at=key_node)
                 continue
-            entries[key] = RawEntry(key_line, self.node(value_node, _join(path, key)))
+            entries[key] = RawEntry(key_line, self.node(value_node, join(path, key)))
         for source in merged:
             self._merge_into(entries, source, path)
         return RawMap(entries, line)

@@ -14,7 +14,7 @@ import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final, TypeAlias, TypeVar
 
-from sidecar.config.issues import IssueLog
+from sidecar.config.issues import IssueLog, join
 from sidecar.config.raw import RawEntry, RawMap, RawNode, RawScalar, RawSeq
 from sidecar.config.units import (
     DURATION_EXPECTED,
@@ -41,10 +41,6 @@ class Missing:
 
 
 MISSING: Final = Missing()
-
-
-def join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
 
 
 def describe(node: RawNode) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import pytest
@@ -300,9 +301,7 @@ def test_unset_variable_is_not_also_a_type_error() -> None:
 
 
 def test_route_with_a_bad_match_still_claims_its_name() -> None:
-    text = (
-        "routes:\n  - {name: a, match: {path: nope}}\n  - {name: a, match: {path: /b}}\n"
-    )
+    text = "routes:\n  - {name: a, match: {path: nope}}\n  - {name: a, match: {path: /b}}\n"
     assert error_lines(text) == [
         "t.yaml:2: routes[0].match.path: expected a path starting with '/', got 'nope'",
         "t.yaml:3: routes[1].name: duplicate route name 'a' (first used at line 2)",
@@ -328,11 +327,18 @@ def test_invalid_utf8_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         load_config(path, env={})
     assert [str(i) for i in caught.value.issues] == [
-        f"{path}:2: (document): the file is not valid UTF-8 (invalid continuation byte at"
-        " byte 21)",
+        f"{path}:2: (document): the file is not valid UTF-8 (invalid continuation byte at byte 21)",
     ]
 
 
 def test_missing_file_raises_os_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_config_error_survives_pickling() -> None:
+    # Exception pickles only its message by default; issues must survive a process boundary.
+    issue = ConfigIssue("a.yaml", 3, "server.workers", "expected an integer >= 1, got 0")
+    copy = pickle.loads(pickle.dumps(ConfigError([issue])))
+    assert copy.issues == (issue,)
+    assert str(copy) == "a.yaml:3: server.workers: expected an integer >= 1, got 0"

@@ -25,7 +25,18 @@ from sidecar.config import (
     parse_config,
 )
 from sidecar.config.issues import IssueLog
-from sidecar.config.loader import _deep_merge
+from sidecar.config.loader import (
+    ACCESS_LOG,
+    IDENTITY,
+    LOGGING,
+    MATCH,
+    ROUTE,
+    SECTIONS,
+    SERVER,
+    STATE,
+    UPSTREAM,
+    _deep_merge,
+)
 from sidecar.config.raw import RawMap, RawScalar, compose
 
 REPO = Path(__file__).resolve().parents[2]
@@ -49,7 +60,7 @@ def test_empty_mapping_gives_model_defaults_and_a_catch_all_route() -> None:
 
 
 def test_empty_sections_and_empty_routes_mean_defaults() -> None:
-    config = parse("server:\nrouting: \n" if False else "server:\nroutes: []\n")
+    config = parse("server:\nroutes: []\n")
     assert config.server == SidecarConfig().server
     assert [route.name for route in config.routes] == ["default"]
 
@@ -268,8 +279,8 @@ server:
 upstream:
   url: http://${APP_HOST}:${APP_PORT:-8080}/api
 state:
-  url: "redis://:${REDIS_PASSWORD}@redis:6379/0"
-  key_prefix: "$${literal}:${PREFIX:-}"
+  url: "redis://:${REDIS_PASSWORD}@redis:6379/0?client_name=$${literal}${SUFFIX:-}"
+  key_prefix: "${PREFIX:-}"
 logging:
   level: ${LOG_LEVEL:-info}
 """,
@@ -279,14 +290,14 @@ logging:
     assert config.server.ready_requires_state is False
     assert config.upstream.url == "http://app:8080/api"
     assert (config.upstream.host, config.upstream.port) == ("app", 8080)
-    assert config.state.url == "redis://:s3cr:t@redis:6379/0"
-    assert config.state.key_prefix == "${literal}:"
+    assert config.state.url == "redis://:s3cr:t@redis:6379/0?client_name=${literal}"
+    assert config.state.key_prefix == ""
     assert config.logging.level == "debug"
 
 
 def test_env_value_is_text_where_text_is_expected() -> None:
     # Unquoted ${...} is re-typed after expansion, yet a number is still a fine string.
-    config = parse("state: {key_prefix: ${PREFIX}}\n", env={"PREFIX": "123"})
+    config = parse("state:\n  key_prefix: ${PREFIX}\n", env={"PREFIX": "123"})
     assert config.state.key_prefix == "123"
 
 
@@ -328,13 +339,10 @@ def test_shipped_configs_load_cleanly(name: str) -> None:
 
 def test_example_config_uses_every_key() -> None:
     text = (REPO / "config" / "sidecar.example.yaml").read_text()
-    from sidecar.config.loader import ACCESS_LOG, MATCH, ROUTE, SECTIONS, SERVER, STATE, UPSTREAM
-    from sidecar.config.loader import IDENTITY, LOGGING
-
-    keys = {*SECTIONS, "defaults", "routes", *SERVER, *UPSTREAM, *STATE, *IDENTITY, *LOGGING}
-    keys |= {*ACCESS_LOG, *ROUTE, *MATCH}
-    missing = sorted(key for key in keys if not re.search(rf"^\s*(- )?{key}:|[{{ ]{key}:", text, re.M))
-    assert missing == []
+    schemas = (SECTIONS, SERVER, UPSTREAM, STATE, IDENTITY, LOGGING, ACCESS_LOG, ROUTE, MATCH)
+    keys = {"defaults", "routes"}.union(*schemas)
+    written = set(re.findall(r"(?:^\s*(?:- )?|[{ ])([a-z_]+):", text, re.MULTILINE))
+    assert sorted(keys - written) == []
 
 
 def test_example_config_values() -> None:
@@ -411,9 +419,9 @@ routes:
             "upstream: http://app:8080/api (base path /api)",
             "state:    redis://:****@redis:6379/0",
             "routes (first match wins):",
-            "  #  name           match                        timeout  idle_timeout  max_body",
+            "  #  name           match                         timeout  idle_timeout  max_body",
             "  1  orders-create  POST,PUT path_prefix=/orders  12s      5m            1MiB",
-            "  2  default        path_prefix=/                15s      5m            10MiB",
+            "  2  default        path_prefix=/                 15s      5m            10MiB",
         ]
     )
 

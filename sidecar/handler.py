@@ -201,7 +201,7 @@ class ProxyHandler:
         if response.websocket is not None:
             return await response.websocket(raw), 0
         response.headers[REQUEST_ID_HEADER] = request_id
-        stream = web.StreamResponse(
+        stream = _RelayedResponse(
             status=response.status, reason=response.reason, headers=response.headers
         )
         if self.holder.draining:
@@ -300,6 +300,25 @@ class ProxyHandler:
             headers=request.raw.headers,
             extra=request.log_fields or None,
         )
+
+
+class _RelayedResponse(web.StreamResponse):
+    """A StreamResponse that adds only framing headers and Date to what the app sent.
+
+    aiohttp would add its own `Server` and a guessed `Content-Type` to any response that
+    lacks them; relayed as if they came from the app, they would be a lie. (`Date` is
+    added when missing, as RFC 9110 §6.6.1 asks of a proxy.)
+    """
+
+    async def _prepare_headers(self) -> None:
+        headers = self.headers
+        had_type = hdrs.CONTENT_TYPE in headers
+        had_server = hdrs.SERVER in headers
+        await super()._prepare_headers()
+        if not had_type:
+            headers.popall(hdrs.CONTENT_TYPE, None)
+        if not had_server:
+            headers.popall(hdrs.SERVER, None)
 
 
 def _is_trusted(peer: str, config: SidecarConfig) -> bool:

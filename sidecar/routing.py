@@ -67,6 +67,29 @@ def host_without_port(host: str) -> str:
     return host.partition(":")[0]
 
 
+def path_for_matching(path: str) -> str:
+    """The path as routes see it: dot-segments resolved, repeated slashes merged.
+
+    Only matching uses this; the app still receives the exact bytes. Without it
+    `/public/../orders` or `//orders` would dodge the policies of an `/orders` route while
+    the app, normalising, served /orders anyway. `%2e` counts as a dot here (it is an
+    unreserved character); `%2F` does not count as a slash (it is data, not a separator).
+    """
+    if "//" not in path and "/." not in path and "%2" not in path:
+        return path  # the common case costs three substring checks
+    if "%2" in path:
+        path = path.replace("%2e", ".").replace("%2E", ".")
+    out: list[str] = []
+    for segment in path.split("/"):
+        if segment == "..":
+            if out:
+                out.pop()
+        elif segment not in ("", "."):
+            out.append(segment)
+    trailing = "/" if path.endswith(("/", "/.", "/..")) and out else ""
+    return "/" + "/".join(out) + trailing
+
+
 class RouteTable:
     """Routes in config order; `match` returns the first that accepts the request."""
 
@@ -75,6 +98,7 @@ class RouteTable:
         self.uses_host = any(r.config.match.host is not None for r in self.routes)
 
     def match(self, method: str, host: str, path: str) -> CompiledRoute | None:
+        path = path_for_matching(path)
         if self.uses_host:
             host = host_without_port(host)
         for route in self.routes:

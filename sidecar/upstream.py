@@ -12,8 +12,9 @@ What "faithful" means here, and why each setting below exists:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -80,11 +81,18 @@ class UpstreamFailure(Exception):
 
 @dataclass(slots=True)
 class _BodyStream:
-    """The client's body streamed upstream, counted against the route's limit."""
+    """The client's body streamed upstream, counted against the route's limit.
+
+    The route's response deadline starts when the body has been sent (`on_sent`), as in
+    Envoy: a large or slow upload is not a slow app. A client that stalls mid-upload for
+    longer than the route's idle_timeout is cut off instead.
+    """
 
     request: ProxyRequest
     limit: int
     send_continue: bool
+    idle_timeout: float
+    on_sent: Callable[[], None]
     exceeded: bool = False
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
@@ -92,13 +100,19 @@ class _BodyStream:
             # Sent only now, when the app is actually about to receive the body: anything that
             # refused the request earlier (413, 429...) answered without reading it.
             await self.request.raw.writer.write(_CONTINUE)
+        content = self.request.raw.content
         size = 0
-        async for chunk in self.request.raw.content.iter_any():
+        while True:
+            async with asyncio.timeout(self.idle_timeout):
+                chunk = await content.readany()
+            if not chunk:
+                break
             size += len(chunk)
             if size > self.limit:
                 self.exceeded = True
                 raise BodyTooLarge(self.limit)
             yield chunk
+        self.on_sent()
 
 
 class _FaithfulClientRequest(aiohttp.ClientRequest):
@@ -156,10 +170,20 @@ class Forwarder:
         if is_websocket_upgrade(request.raw.headers):
             return await connect_websocket(self, request)
         url = self.upstream_url(request.target)
-        body, stream = self._request_body(request)
+        loop = asyncio.get_running_loop()
+        deadline = asyncio.Timeout(None)
+
+        def start_deadline() -> None:
+            # The app may have answered (and the deadline been left) before the body ended.
+            with contextlib.suppress(RuntimeError):
+                deadline.reschedule(loop.time() + route.timeout)
+
+        body, stream = self._request_body(request, start_deadline)
+        if stream is None:
+            deadline = asyncio.Timeout(loop.time() + route.timeout)
         sent_at = time.perf_counter()
         try:
-            async with asyncio.timeout(route.timeout):
+            async with deadline:
                 upstream = await self.session.request(
                     request.method,
                     url,
@@ -187,7 +211,9 @@ class Forwarder:
     def upstream_url(self, target: str) -> URL:
         return URL(self._origin + target, encoded=True)
 
-    def _request_body(self, request: ProxyRequest) -> tuple[object, _BodyStream | None]:
+    def _request_body(
+        self, request: ProxyRequest, on_sent: Callable[[], None]
+    ) -> tuple[object, _BodyStream | None]:
         if request.body is not None:
             return request.body, None
         raw = request.raw
@@ -197,6 +223,8 @@ class Forwarder:
             request,
             request.route.max_body,
             send_continue=raw.headers.get(hdrs.EXPECT, "").lower() == "100-continue",
+            idle_timeout=request.route.idle_timeout,
+            on_sent=on_sent,
         )
         return stream, stream
 

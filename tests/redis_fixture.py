@@ -106,7 +106,9 @@ class RedisServer:
                 raise RuntimeError(f"redis-server exited at start:\n{self.log_tail()}")
             if time.monotonic() > deadline:
                 self.kill()
-                raise RuntimeError(f"redis-server not ready in {START_TIMEOUT}s:\n{self.log_tail()}")
+                raise RuntimeError(
+                    f"redis-server not ready in {START_TIMEOUT}s:\n{self.log_tail()}"
+                )
             time.sleep(POLL_INTERVAL)
 
     def stop(self) -> None:

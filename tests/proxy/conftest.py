@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.config import Address, SidecarConfig, parse_config
-from tests.support import RawUpstream
+from tests.support import RawExchange, RawUpstream, _read_raw_body
 
 # Every test body is wrapped in `asyncio.timeout(TEST_TIMEOUT)` so a hang fails, not blocks.
 TEST_TIMEOUT = 10.0
@@ -54,9 +54,7 @@ def parse_head(head: bytes) -> tuple[bytes, list[tuple[str, str]]]:
     return lines[0], headers
 
 
-async def read_response(
-    reader: asyncio.StreamReader, *, head_request: bool = False
-) -> RawResponse:
+async def read_response(reader: asyncio.StreamReader, *, head_request: bool = False) -> RawResponse:
     """Read exactly one response using HTTP/1.1 framing rules (RFC 9112 §6.3).
 
     Interim (1xx) responses are returned as they are; call again for the final one.
@@ -162,3 +160,109 @@ async def raw_upstream() -> AsyncIterator[RawUpstream]:
         yield upstream
     finally:
         await upstream.stop()
+
+
+Responder = Callable[[RawExchange], "bytes | None"]
+
+
+@dataclass
+class ScriptedUpstream:
+    """A raw HTTP/1.1 upstream whose answer depends on the request.
+
+    `respond(exchange)` returns the raw bytes to send, or None to close the connection
+    without answering. `close_after` closes the connection after each answer. Like
+    RawUpstream it records every complete request (head and raw body); `connections`
+    counts accepted connections and `closed` is set whenever one of them ends.
+    """
+
+    respond: Responder
+    close_after: bool = False
+    exchanges: list[RawExchange] = field(default_factory=list)
+    received: asyncio.Event = field(default_factory=asyncio.Event)
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
+    connections: int = 0
+    server: asyncio.AbstractServer | None = None
+    port: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> ScriptedUpstream:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                body = await _read_raw_body(reader, head)
+                exchange = RawExchange(head[:-4], body)
+                self.exchanges.append(exchange)
+                self.received.set()
+                answer = self.respond(exchange)
+                if answer is None:
+                    return
+                writer.write(answer)
+                await writer.drain()
+                if self.close_after:
+                    return
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+            self.closed.set()
+
+
+@asynccontextmanager
+async def scripted_upstream(
+    respond: Responder, **kwargs: object
+) -> AsyncIterator[ScriptedUpstream]:
+    upstream = await ScriptedUpstream(respond, **kwargs).start()  # type: ignore[arg-type]
+    try:
+        yield upstream
+    finally:
+        await upstream.stop()
+
+
+@dataclass
+class TapUpstream:
+    """Records every byte each connection sends until the peer closes; never answers."""
+
+    data: list[bytearray] = field(default_factory=list)
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
+    server: asyncio.AbstractServer | None = None
+    port: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> TapUpstream:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        buffer = bytearray()
+        self.data.append(buffer)
+        try:
+            while chunk := await reader.read(65536):
+                buffer += chunk
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+            self.closed.set()

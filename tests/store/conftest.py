@@ -52,9 +52,9 @@ class Harness:
     def stored_keys(self) -> set[str]:
         """Every key the backend holds, as stored (with the prefix)."""
         if self.raw is not None:
-            return {key.decode() for key in self.raw.keys("*")}
+            return {key.decode() for key in self.raw.scan_iter()}
         assert isinstance(self.store, MemoryStore)
-        return set(self.store.keyspace.keys())
+        return set(self.store.keyspace.live_keys())
 
     async def run(self, script: object, *keys: str, args: tuple[object, ...] = ()) -> object:
         [result] = await self.store.execute([ScriptCall(script, keys, args)])  # type: ignore[arg-type]
@@ -100,9 +100,9 @@ async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
 
     if request.param == "memory":
         clock = FakeClock()
-        store = MemoryStore(PREFIX, observe=observe, clock=clock)
-        yield Harness("memory", store, observed, clock=clock)
-        await store.close()
+        memory = MemoryStore(PREFIX, observe=observe, clock=clock)
+        yield Harness("memory", memory, observed, clock=clock)
+        await memory.close()
         return
     url = request.getfixturevalue("redis_url")
     server: RedisServer = request.getfixturevalue("redis_server")

@@ -16,6 +16,9 @@ class TurnCountingProxy:
     def __init__(self, upstream_port: int) -> None:
         self.upstream_port = upstream_port
         self.turns = 0
+        # When set, the next reply from Redis is dropped and the client's connection cut:
+        # the request did reach Redis, the client never learns what happened.
+        self.cut_next_reply = False
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -69,5 +72,9 @@ class TurnCountingProxy:
                 state["answered"] = False
             elif not upstream:
                 state["answered"] = True
+                if self.cut_next_reply:
+                    self.cut_next_reply = False
+                    writer.close()
+                    return
             writer.write(data)
             await writer.drain()

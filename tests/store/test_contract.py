@@ -10,7 +10,7 @@ import pytest
 
 from sidecar.store import ScriptCall, StateStore, StoreError
 from tests.store.conftest import PREFIX, Harness, expect_error
-from tests.store.twins import CAS, FAIL, GET_MANY, INCR_TTL, OP, SHAPES
+from tests.store.twins import CAS, EXISTS, FAIL, GET_MANY, INCR_TTL, OP, SHAPES
 
 # -- results and their types -----------------------------------------------------------
 
@@ -31,6 +31,15 @@ async def test_reply_shapes_convert_like_lua(harness: Harness) -> None:
     assert result == [7, b"two", None, [3, b"four", -2], 1, b"echo"]
     assert isinstance(result, list)
     assert [type(item) for item in result] == [int, bytes, type(None), list, int, bytes]
+
+
+async def test_bare_booleans_are_one_and_none(harness: Harness) -> None:
+    await harness.run(OP, "k", args=("SET", "v"))
+    assert await harness.store.execute(
+        [ScriptCall(EXISTS, ("k",)), ScriptCall(EXISTS, ("missing",))]
+    ) == [1, None]
+    result = await harness.run(EXISTS, "k")
+    assert type(result) is int
 
 
 async def test_table_with_nil_holes_keeps_positions(harness: Harness) -> None:
@@ -235,7 +244,9 @@ async def test_counter_window_restarts_after_expiry(harness: Harness) -> None:
 
 async def test_observer_labels(harness: Harness) -> None:
     await harness.run(INCR_TTL, "a", args=(1, 1000))
-    await harness.store.execute([ScriptCall(INCR_TTL, ("a",), (1, 1000)), ScriptCall(GET_MANY, ("a",))])
+    await harness.store.execute(
+        [ScriptCall(INCR_TTL, ("a",), (1, 1000)), ScriptCall(GET_MANY, ("a",))]
+    )
     await harness.store.ping()
     labels = [(label, kind) for label, _, kind in harness.observed]
     assert labels == [("incr_ttl", None), ("incr_ttl+get_many", None), ("ping", None)]

@@ -116,8 +116,9 @@ async def test_batch_costs_one_round_trip(
     store, _ = redis_stores(url=proxy.url)
     await store.execute(three_calls())  # warm-up: connect, load the scripts
     turns = proxy.turns
-    evalsha, script = command_calls(raw_redis, "cmdstat_evalsha"), command_calls(
-        raw_redis, "cmdstat_script"
+    evalsha, script = (
+        command_calls(raw_redis, "cmdstat_evalsha"),
+        command_calls(raw_redis, "cmdstat_script"),
     )
 
     await store.execute(three_calls())
@@ -183,6 +184,47 @@ async def test_redis_down_then_back(redis_stores: OpenStore, redis_server: Redis
     assert observed[-1][2] is None
 
 
+async def test_lost_reply_is_not_retried(
+    redis_stores: OpenStore, raw_redis: redis.Redis, proxy: TurnCountingProxy
+) -> None:
+    """At most once: a batch whose reply is lost is reported, never sent again."""
+    store, _ = redis_stores(url=proxy.url)
+    call = ScriptCall(INCR_TTL, ("n",), (1, 60_000))
+    assert await store.execute([call]) == [1]
+    proxy.cut_next_reply = True
+    error = await expect_error(store.execute([call]))
+    assert error.kind == "unavailable"
+    # It ran once (the reply was lost, not the request); a retry would have made it 3.
+    assert raw_redis.get(f"{PREFIX}n") == b"2"
+    assert await store.execute([call]) == [3]
+
+
+async def test_saturated_pool_is_a_timeout(redis_stores: OpenStore) -> None:
+    """Waiting for a free connection counts against the timeout; it is not an outage."""
+    store, observed = redis_stores(timeout=0.1, max_connections=1)
+    slow = store.execute([ScriptCall(SPIN, (), (300,))])
+    queued = store.execute([ScriptCall(INCR_TTL, ("n",), (1, 1000))])
+    errors = await asyncio.gather(slow, queued, return_exceptions=True)
+    assert [getattr(error, "kind", error) for error in errors] == ["timeout", "timeout"]
+    assert sorted((label, kind) for label, _, kind in observed) == [
+        ("incr_ttl", "timeout"),
+        ("spin", "timeout"),
+    ]
+
+
+async def test_resp2_is_pinned(redis_stores: OpenStore, redis_url: str) -> None:
+    """Replies keep their RESP2 shape even if the URL asks for RESP3: a script that
+    switches to RESP3 internally still returns a hash as a flat list, not a dict."""
+    as_map = Script(
+        "as_map",
+        "redis.setresp(3); return redis.call('HGETALL', KEYS[1])",
+        lambda ks, keys, args: [x for kv in ks.hgetall(keys[0]).items() for x in kv],
+    )
+    store, _ = redis_stores(url=f"{redis_url}?protocol=3")
+    await store.execute([ScriptCall(OP, ("h",), ("HSET", "f", "v"))])
+    assert await store.execute([ScriptCall(as_map, ("h",))]) == [[b"f", b"v"]]
+
+
 async def test_unreachable_redis_fails_fast_and_opening_does_no_io(
     redis_stores: OpenStore,
 ) -> None:
@@ -217,9 +259,7 @@ async def test_slow_script_times_out(redis_stores: OpenStore) -> None:
     assert await store.execute([ScriptCall(INCR_TTL, ("n",), (1, 1000))]) == [1]
 
 
-async def test_busy_server_is_unavailable(
-    redis_stores: OpenStore, raw_redis: redis.Redis
-) -> None:
+async def test_busy_server_is_unavailable(redis_stores: OpenStore, raw_redis: redis.Redis) -> None:
     """Redis answers BUSY to everyone while a script overruns busy-reply-threshold."""
     raw_redis.config_set("busy-reply-threshold", 50)
     try:
@@ -362,3 +402,18 @@ def test_sha_is_computed_locally() -> None:
 
     lua = Path(__file__).with_name("scripts").joinpath("incr_ttl.lua").read_text()
     assert script_sha(INCR_TTL) == hashlib.sha1(lua.encode()).hexdigest()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis+sentinel://:hunter2@h:port/svc",
+        "redis+sentinel://user:hunter2@h/svc/x",
+        "redis+sentinel://h/svc?sentinel_password=hunter2&bogus=1",
+    ],
+)
+def test_sentinel_url_errors_mask_passwords(url: str) -> None:
+    with pytest.raises(ValueError) as caught:
+        parse_sentinel_url(url)
+    assert "hunter2" not in str(caught.value)
+    assert "***" in str(caught.value)

@@ -14,7 +14,9 @@ from sidecar.store import MemoryKeyspace, Script, ScriptArg
 SCRIPTS = Path(__file__).parent / "scripts"
 
 
-def _script(name: str, twin: Callable[[MemoryKeyspace, Sequence[str], Sequence[ScriptArg]], object]) -> Script:
+def _script(
+    name: str, twin: Callable[[MemoryKeyspace, Sequence[str], Sequence[ScriptArg]], object]
+) -> Script:
     return Script(name=name, lua=(SCRIPTS / f"{name}.lua").read_text(), memory=twin)
 
 
@@ -46,7 +48,7 @@ def get_many(ks: MemoryKeyspace, keys: Sequence[str], args: Sequence[ScriptArg])
 
 
 def fail(ks: MemoryKeyspace, keys: Sequence[str], args: Sequence[ScriptArg]) -> object:
-    raise ValueError(f"refused: {args[0]}")
+    raise ValueError(f"refused: {_text(args[0]).decode()}")
 
 
 def spin(ks: MemoryKeyspace, keys: Sequence[str], args: Sequence[ScriptArg]) -> object:
@@ -56,6 +58,10 @@ def spin(ks: MemoryKeyspace, keys: Sequence[str], args: Sequence[ScriptArg]) -> 
 
 def shapes(ks: MemoryKeyspace, keys: Sequence[str], args: Sequence[ScriptArg]) -> object:
     return [7, "two", False, [3.7, b"four", -2.9], True, _text(args[0])]
+
+
+def exists(ks: MemoryKeyspace, keys: Sequence[str], args: Sequence[ScriptArg]) -> object:
+    return ks.pttl(keys[0]) != -2
 
 
 def op(ks: MemoryKeyspace, keys: Sequence[str], args: Sequence[ScriptArg]) -> object:
@@ -104,3 +110,4 @@ FAIL = _script("fail", fail)
 SPIN = _script("spin", spin)
 SHAPES = _script("shapes", shapes)
 OP = _script("op", op)
+EXISTS = _script("exists", exists)

@@ -297,11 +297,14 @@ async def test_dot_segments_cannot_dodge_a_route_but_the_app_gets_the_raw_path()
         "  - name: orders\n    match: {path_prefix: /orders}\n"
         "  - name: rest\n    match: {path_prefix: /}\n"
     )
-    async with asyncio.timeout(TEST_TIMEOUT), run_app(app_with({"/{tail:.*}": record})) as url:
-        async with run_sidecar(sidecar_config(url, routes)) as sc:
-            raw = b"GET /public/../orders/7 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-            reply = await raw_request(sc.port, raw)
-            assert reply.startswith(b"HTTP/1.1 200")
-            access = [r for r in sc.log.records if r.get("event") == "access"]
-            assert access[-1]["route"] == "orders"
+    async with (
+        asyncio.timeout(TEST_TIMEOUT),
+        run_app(app_with({"/{tail:.*}": record})) as url,
+        run_sidecar(sidecar_config(url, routes)) as sc,
+    ):
+        raw = b"GET /public/../orders/7 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        reply = await raw_request(sc.port, raw)
+        assert reply.startswith(b"HTTP/1.1 200")
+        access = [r for r in sc.log.records if r.get("event") == "access"]
+        assert access[-1]["route"] == "orders"
     assert seen == ["/public/../orders/7"]

@@ -21,12 +21,13 @@ from aiohttp import web
 
 from sidecar.admin import Admin
 from sidecar.chain import build_chain
-from sidecar.config import ConfigError, SidecarConfig, load_config
-from sidecar.handler import ProxyHandler, Runtime, RuntimeHolder
-from sidecar.logs import AccessLog, LogSink
+from sidecar.config import ConfigError, RouteConfig, RouteMatch, SidecarConfig, load_config
+from sidecar.handler import ProxyHandler, Runtime, RuntimeHolder, answer_unrouted
+from sidecar.logs import AccessLog, IdentityHasher, LogSink
 from sidecar.metrics import Metrics
-from sidecar.policies import PolicyDeps, build_policies
-from sidecar.routing import CompiledRoute, RouteTable, compile_matcher
+from sidecar.policies import PolicyDeps, build_policies, tracing
+from sidecar.routing import UNROUTED, CompiledRoute, RouteTable, compile_matcher
+from sidecar.spans import SpanExporter
 from sidecar.store import StateStore, open_store
 from sidecar.upstream import Forwarder
 
@@ -65,11 +66,17 @@ class Sidecar:
         self.metrics = Metrics()
         self.reuse_port = reuse_port
         self.pid = os.getpid()
+        self._random_id_key = os.urandom(32)
         self.started_monotonic = time.monotonic()
         self.listening = False
         self.reload_count = 0
         self.last_reload_error: str | None = None
         self.store: StateStore = open_store(config.state, self.metrics.observe_store)
+        self.spans = (
+            SpanExporter(config.tracing.export, self.metrics, self.log)
+            if config.tracing.export.endpoint is not None
+            else None
+        )
         self.forwarder = Forwarder(config.upstream)
         self.holder = RuntimeHolder(self.build_runtime(config))
         self._stop = asyncio.Event()
@@ -84,7 +91,9 @@ class Sidecar:
 
     def build_runtime(self, config: SidecarConfig) -> Runtime:
         """Compile every route's chain; nothing here runs per request."""
-        deps = PolicyDeps(config=config, store=self.store, metrics=self.metrics, log=self.log)
+        deps = PolicyDeps(
+            config=config, store=self.store, metrics=self.metrics, log=self.log, spans=self.spans
+        )
         compiled = []
         for route in config.routes:
             chain = build_chain(build_policies(route, deps), self.forwarder.for_route(route))
@@ -96,9 +105,37 @@ class Sidecar:
                     matches=compile_matcher(route.match),
                 )
             )
-        access = config.logging.access
-        access_log = AccessLog(access, self.log) if access.enabled else None
-        return Runtime(config=config, routes=RouteTable(compiled), access_log=access_log)
+        access_log = None
+        if config.logging.access.enabled:
+            access_log = AccessLog(
+                config.logging.access, self.log, config.identity, self._id_hasher(config)
+            )
+        return Runtime(
+            config=config,
+            routes=RouteTable(compiled),
+            unrouted=self._unrouted_chain(config, deps),
+            access_log=access_log,
+            request_id_header=config.tracing.request_id_header,
+        )
+
+    def _id_hasher(self, config: SidecarConfig) -> IdentityHasher:
+        if config.logging.ids == "clear":
+            return IdentityHasher(None)
+        key = config.logging.id_hash_key
+        # Without a configured key, one random key per process: hashes still correlate
+        # within this process's logs and reveal nothing.
+        return IdentityHasher(key.encode() if key else self._random_id_key)
+
+    def _unrouted_chain(self, config: SidecarConfig, deps: PolicyDeps) -> CompiledRoute:
+        """Requests no route takes still get trace headers on their 404 (or 400)."""
+        route = RouteConfig(name=UNROUTED, match=RouteMatch(), max_body=config.server.max_body)
+        tracer = tracing.build(route, deps)
+        return CompiledRoute(
+            config=route,
+            chain=build_chain([tracer] if tracer is not None else [], answer_unrouted),
+            metrics=self.metrics.route(UNROUTED),
+            matches=lambda method, host, path: False,
+        )
 
     # -- start and stop --------------------------------------------------------------
 
@@ -129,6 +166,8 @@ class Sidecar:
             self._admin_runner, admin.host, admin.port, reuse_port=self.reuse_port or None
         )
         await site.start()
+        if self.spans is not None:
+            self.spans.start()
         self.listening = True
         self._tasks.append(asyncio.create_task(self._watch_config()))
         self.log.event(
@@ -189,6 +228,8 @@ class Sidecar:
             await self._admin_runner.cleanup()
         await self.forwarder.close()
         await self.store.close()
+        if self.spans is not None:
+            await self.spans.close()
         self.log.event("sidecar.stopped", served=in_flight)
         self.log.flush()
 
@@ -282,6 +323,8 @@ def _restart_only_changes(old: SidecarConfig, new: SidecarConfig) -> list[str]:
         changed.append("state")
     if old.logging.level != new.logging.level:
         changed.append("logging.level")
+    if old.tracing.export != new.tracing.export:
+        changed.append("tracing.export")
     return changed
 
 

@@ -22,6 +22,18 @@ if TYPE_CHECKING:
     from sidecar.config import RouteConfig
 
 
+SpanAttribute = tuple[str, str | int | float | bool]
+
+
+@dataclass(frozen=True, slots=True)
+class SpanEvent:
+    """A policy decision recorded on the request's span (quota.denied, breaker.opened...)."""
+
+    name: str
+    time_ns: int
+    attributes: tuple[SpanAttribute, ...] = ()
+
+
 @dataclass(slots=True, eq=False)
 class ProxyRequest:
     """One client request on its way upstream.
@@ -46,8 +58,19 @@ class ProxyRequest:
     body: bytes | None = None
     # Time from sending the request upstream to its response headers (set by the forwarder).
     upstream_seconds: float | None = None
-    # Key/values that policies want in this request's access log line.
+    # The trace this request belongs to (set by the tracing policy), for problem bodies.
+    trace_id: str | None = None
+    # Key/values every log line of this request carries (trace ids, set by tracing).
     log_fields: dict[str, object] = field(default_factory=dict)
+    # Policy decisions to attach to this request's span; None when no span is exported.
+    span_events: list[SpanEvent] | None = None
+    # Called with (status, body bytes sent) once the response is completely sent.
+    finishers: list[Callable[[int, int], None]] | None = None
+
+    def add_finisher(self, finish: Callable[[int, int], None]) -> None:
+        if self.finishers is None:
+            self.finishers = []
+        self.finishers.append(finish)
 
     async def read_body(self, limit: int) -> bytes:
         """Buffer the whole request body (at most `limit` bytes; BodyTooLarge beyond)."""
@@ -80,6 +103,31 @@ class ProxyResponse:
     release: Callable[[], None] | None = None
     # A WebSocket session to relay instead of a body (the upgrade was accepted upstream).
     websocket: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]] | None = None
+    # Set when the sidecar answered because the upstream failed (502/504): what happened.
+    failure: UpstreamFailure | None = None
+
+
+class UpstreamFailure(Exception):
+    """Why a request could not be forwarded: `kind` is the metric label, `problem` the answer."""
+
+    def __init__(self, kind: str, problem: Problem, detail: str) -> None:
+        super().__init__(detail)
+        self.kind = kind
+        self.problem = problem
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One entry of the error catalogue (see sidecar.errors)."""
+
+    slug: str
+    status: int
+    title: str
+
+    @property
+    def type(self) -> str:
+        return "urn:sidecar:problem:" + self.slug
 
 
 class BodyTooLarge(Exception):

@@ -6,27 +6,13 @@ Every error the sidecar answers by itself is one `Problem` from this catalogue, 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+import aiohttp
 import orjson
 from multidict import CIMultiDict
 
-from sidecar.chain import ProxyResponse
+from sidecar.chain import Problem, ProxyRequest, ProxyResponse, UpstreamFailure
 
 PROBLEM_CONTENT_TYPE = "application/problem+json"
-_TYPE_PREFIX = "urn:sidecar:problem:"
-
-
-@dataclass(frozen=True, slots=True)
-class Problem:
-    slug: str
-    status: int
-    title: str
-
-    @property
-    def type(self) -> str:
-        return _TYPE_PREFIX + self.slug
-
 
 BAD_REQUEST = Problem("bad-request", 400, "The request could not be understood")
 ROUTE_NOT_FOUND = Problem("route-not-found", 404, "No route matches this request")
@@ -59,13 +45,27 @@ CATALOGUE: tuple[Problem, ...] = (
 )
 
 
+def problem_for(
+    problem: Problem,
+    request: ProxyRequest,
+    detail: str | None = None,
+    status: int | None = None,
+    **members: object,
+) -> ProxyResponse:
+    """The problem response to `request`, with its request and trace ids."""
+    if request.trace_id is not None:
+        members["trace_id"] = request.trace_id
+    return problem_response(problem, request.request_id, detail, status=status, members=members)
+
+
 def problem_response(
     problem: Problem,
     request_id: str,
     detail: str | None = None,
-    extra_headers: dict[str, str] | None = None,
+    *,
     status: int | None = None,
-    **members: object,
+    extra_headers: dict[str, str] | None = None,
+    members: dict[str, object] | None = None,
 ) -> ProxyResponse:
     """Build the problem+json response; `members` become extension members of the body.
 
@@ -77,7 +77,8 @@ def problem_response(
     if detail is not None:
         body["detail"] = detail
     body["request_id"] = request_id
-    body.update(members)
+    if members:
+        body.update(members)
     headers: CIMultiDict[str] = CIMultiDict()
     headers["Content-Type"] = PROBLEM_CONTENT_TYPE
     # Our own answers must never be cached by an intermediary as if they came from the app.
@@ -85,3 +86,42 @@ def problem_response(
     if extra_headers:
         headers.update(extra_headers)
     return ProxyResponse(status=status, headers=headers, body=orjson.dumps(body))
+
+
+def body_too_large(request: ProxyRequest, limit: int) -> ProxyResponse:
+    return problem_for(
+        BODY_TOO_LARGE,
+        request,
+        detail=f"the request body is larger than this route's limit of {limit} bytes",
+        max_body=limit,
+    )
+
+
+def classify_client_error(exc: aiohttp.ClientError) -> UpstreamFailure:
+    """Map an aiohttp client error to the kind we count and the problem we answer.
+
+    The detail is ours, never aiohttp's message: those embed the upstream URL with the
+    client's query string, which must not reach logs or clients.
+    """
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return UpstreamFailure(
+            "connect_timeout",
+            UPSTREAM_CONNECT_FAILED,
+            "connecting to the upstream timed out",
+        )
+    if isinstance(exc, aiohttp.ServerTimeoutError):
+        return UpstreamFailure("timeout", UPSTREAM_TIMEOUT, "the upstream stopped sending data")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        reason = exc.os_error.strerror or type(exc.os_error).__name__
+        return UpstreamFailure(
+            "connect", UPSTREAM_CONNECT_FAILED, f"cannot connect to the upstream: {reason}"
+        )
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return UpstreamFailure(
+            "bad_response",
+            UPSTREAM_BAD_RESPONSE,
+            "the upstream's response is not valid HTTP/1.1",
+        )
+    return UpstreamFailure(
+        "reset", UPSTREAM_RESET, "the upstream closed the connection before responding"
+    )

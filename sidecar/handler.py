@@ -20,14 +20,12 @@ from sidecar.chain import BodyTooLarge, Next, ProxyRequest, ProxyResponse
 from sidecar.config import SidecarConfig
 from sidecar.logs import AccessLog, LogSink
 from sidecar.metrics import Metrics, RouteMetrics
-from sidecar.routing import RouteTable
-from sidecar.upstream import UpstreamFailure, strip_hop_by_hop
+from sidecar.routing import CompiledRoute, RouteTable
+from sidecar.upstream import strip_hop_by_hop
 
-REQUEST_ID_HEADER = "X-Request-Id"
 # RFC 9110 §9.3.7: OPTIONS * asks about the server itself, which here is the sidecar.
 _SERVER_METHODS = "GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS"
 _MAX_REQUEST_ID = 128
-_UNMATCHED = "unmatched"
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +34,10 @@ class Runtime:
 
     config: SidecarConfig
     routes: RouteTable
+    # The chain for requests no route takes (tracing, then a 404/400/OPTIONS * answer).
+    unrouted: CompiledRoute
     access_log: AccessLog | None
+    request_id_header: str
 
 
 class RuntimeHolder:
@@ -90,33 +91,28 @@ class ProxyHandler:
         self.holder = holder
         self.metrics = metrics
         self.log = log
-        self._unmatched = metrics.route(_UNMATCHED)
 
     async def __call__(self, raw: web.BaseRequest) -> web.StreamResponse:
         started = time.perf_counter()
         runtime = self.holder.runtime
-        incoming_id = raw.headers.get(REQUEST_ID_HEADER)
+        incoming_id = raw.headers.get(runtime.request_id_header)
         request_id = incoming_id if valid_request_id(incoming_id) else str(uuid.uuid4())
         assert request_id is not None
         split = split_target(raw.raw_path)
-        if split is None:
-            return await self._local(
-                raw, runtime, started, request_id, _server_options(raw, request_id)
-            )
-        target, authority = split
-        host = authority if authority is not None else raw.headers.get(hdrs.HOST, "")
+        target, authority = split if split is not None else (raw.raw_path, None)
         path = target.partition("?")[0]
-        route = runtime.routes.match(raw.method, host, path)
+        route = None
+        if split is not None:
+            host = authority if authority is not None else raw.headers.get(hdrs.HOST, "")
+            route = runtime.routes.match(raw.method, host, path)
         if route is None:
-            response = errors.problem_response(
-                errors.ROUTE_NOT_FOUND, request_id, detail=f"no route for {raw.method} {path}"
-            )
-            return await self._local(raw, runtime, started, request_id, response)
+            # Unroutable requests still go through tracing, so a 404 carries trace headers.
+            route = runtime.unrouted
         request = ProxyRequest(
             method=raw.method,
             target=target,
             path=path,
-            headers=self._upstream_headers(raw, runtime.config, request_id, authority),
+            headers=self._upstream_headers(raw, runtime, request_id, authority),
             route=route.config,
             request_id=request_id,
             client_ip=raw.remote or "",
@@ -129,48 +125,48 @@ class ProxyHandler:
         try:
             response = await self._run_chain(request, route.chain, metrics)
             status = response.status
-            stream, bytes_out = await self._send(raw, response, request_id, metrics)
+            response.headers[runtime.request_id_header] = request_id
+            stream, bytes_out = await self._send(raw, response, metrics)
             return stream
         finally:
             metrics.in_flight.dec()
             metrics.count_request(raw.method, status)
             duration = time.perf_counter() - started
             metrics.duration.observe(duration)
-            self._access(runtime, request, route.config.name, status, duration, bytes_out)
+            if request.finishers is not None:
+                for finish in request.finishers:
+                    finish(status, bytes_out)
+            self._access(runtime, request, status, duration, bytes_out)
 
     async def _run_chain(
         self, request: ProxyRequest, chain: Next, metrics: RouteMetrics
     ) -> ProxyResponse:
-        limit = request.route.max_body
-        declared = request.raw.content_length
-        if declared is not None and declared > limit:
-            # Refused before a byte of the body is read (and before 100 Continue is sent).
-            return _too_large(request.request_id, limit)
         try:
-            return await chain(request)
+            response = await chain(request)
         except BodyTooLarge as exc:
-            return _too_large(request.request_id, exc.limit)
-        except UpstreamFailure as failure:
+            # A policy that buffers the body (read_body) found it over the limit.
+            return errors.body_too_large(request, exc.limit)
+        failure = response.failure
+        if failure is not None:
             metrics.count_upstream_error(failure.kind)
-            self.log.event(
+            self.log.request_event(
+                request,
                 "upstream.error",
                 level="warning",
-                route=request.route.name,
                 kind=failure.kind,
                 detail=failure.detail,
-                request_id=request.request_id,
             )
-            return errors.problem_response(failure.problem, request.request_id, failure.detail)
+        return response
 
     def _upstream_headers(
         self,
         raw: web.BaseRequest,
-        config: SidecarConfig,
+        runtime: Runtime,
         request_id: str,
         authority: str | None,
     ) -> CIMultiDict[str]:
         headers = strip_hop_by_hop(raw.headers)
-        headers[REQUEST_ID_HEADER] = request_id
+        headers[runtime.request_id_header] = request_id
         if authority is not None:
             headers[hdrs.HOST] = authority
         # The client's own Expect is answered by the sidecar (see upstream._BodyStream).
@@ -179,7 +175,7 @@ class ProxyHandler:
         # Several field lines of a list header mean the same as one comma-joined line.
         forwarded_for = ", ".join(raw.headers.getall("X-Forwarded-For", ()))
         headers["X-Forwarded-For"] = f"{forwarded_for}, {peer}" if forwarded_for else peer
-        trusted = _is_trusted(peer, config)
+        trusted = _is_trusted(peer, runtime.config)
         if not (trusted and "X-Forwarded-Proto" in raw.headers):
             headers["X-Forwarded-Proto"] = "https" if raw.secure else "http"
         if not (trusted and "X-Forwarded-Host" in raw.headers):
@@ -191,16 +187,11 @@ class ProxyHandler:
         return headers
 
     async def _send(
-        self,
-        raw: web.BaseRequest,
-        response: ProxyResponse,
-        request_id: str,
-        metrics: RouteMetrics,
+        self, raw: web.BaseRequest, response: ProxyResponse, metrics: RouteMetrics
     ) -> tuple[web.StreamResponse, int]:
         """Write the response to the client; returns it and the body bytes written."""
         if response.websocket is not None:
             return await response.websocket(raw), 0
-        response.headers[REQUEST_ID_HEADER] = request_id
         stream = _RelayedResponse(
             status=response.status, reason=response.reason, headers=response.headers
         )
@@ -245,40 +236,10 @@ class ProxyHandler:
                 response.release()
         return written
 
-    async def _local(
-        self,
-        raw: web.BaseRequest,
-        runtime: Runtime,
-        started: float,
-        request_id: str,
-        response: ProxyResponse,
-    ) -> web.StreamResponse:
-        """Answer a request that matched no route (404, OPTIONS *, a bad target)."""
-        stream, bytes_out = await self._send(raw, response, request_id, self._unmatched)
-        self._unmatched.count_request(raw.method, response.status)
-        duration = time.perf_counter() - started
-        log = runtime.access_log
-        if log is not None and log.wanted(response.status):
-            log.write(
-                route=_UNMATCHED,
-                method=raw.method,
-                target=raw.raw_path,
-                status=response.status,
-                duration=duration,
-                upstream_duration=None,
-                bytes_in=0,
-                bytes_out=bytes_out,
-                client=raw.remote or "",
-                request_id=request_id,
-                headers=raw.headers,
-            )
-        return stream
-
     def _access(
         self,
         runtime: Runtime,
         request: ProxyRequest,
-        route: str,
         status: int,
         duration: float,
         bytes_out: int,
@@ -287,7 +248,7 @@ class ProxyHandler:
         if log is None or not log.wanted(status):
             return
         log.write(
-            route=route,
+            route=request.route.name,
             method=request.method,
             target=request.target,
             status=status,
@@ -300,6 +261,21 @@ class ProxyHandler:
             headers=request.raw.headers,
             extra=request.log_fields or None,
         )
+
+
+async def answer_unrouted(request: ProxyRequest) -> ProxyResponse:
+    """The end of the chain for requests no route takes: OPTIONS *, a bad target, or 404."""
+    if request.target == "*" and request.method == "OPTIONS":
+        # RFC 9110 §9.3.7: OPTIONS * asks about the server itself, which here is the sidecar.
+        headers: CIMultiDict[str] = CIMultiDict({"Allow": _SERVER_METHODS})
+        return ProxyResponse(200, headers, b"")
+    if not request.target.startswith("/"):
+        return errors.problem_for(
+            errors.BAD_REQUEST, request, detail="the request target must be a path (origin-form)"
+        )
+    return errors.problem_for(
+        errors.ROUTE_NOT_FOUND, request, detail=f"no route for {request.method} {request.path}"
+    )
 
 
 class _RelayedResponse(web.StreamResponse):
@@ -330,21 +306,3 @@ def _is_trusted(peer: str, config: SidecarConfig) -> bool:
     except ValueError:
         return False
     return any(address in network for network in networks)
-
-
-def _too_large(request_id: str, limit: int) -> ProxyResponse:
-    return errors.problem_response(
-        errors.BODY_TOO_LARGE,
-        request_id,
-        detail=f"the request body is larger than this route's limit of {limit} bytes",
-        max_body=limit,
-    )
-
-
-def _server_options(raw: web.BaseRequest, request_id: str) -> ProxyResponse:
-    if raw.method == "OPTIONS" and raw.raw_path == "*":
-        headers: CIMultiDict[str] = CIMultiDict({"Allow": _SERVER_METHODS})
-        return ProxyResponse(200, headers, b"")
-    return errors.problem_response(
-        errors.BAD_REQUEST, request_id, detail="the request target must be a path (origin-form)"
-    )

@@ -8,6 +8,8 @@ the handler never builds a line at all.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import random
 import sys
 import time
@@ -16,7 +18,8 @@ from typing import BinaryIO
 
 import orjson
 
-from sidecar.config import AccessLogConfig
+from sidecar.chain import ProxyRequest, SpanEvent
+from sidecar.config import AccessLogConfig, IdentityConfig
 
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 # Header values are client input: bounded and made printable before they reach a log line.
@@ -91,15 +94,56 @@ class LogSink:
         record.update(fields)
         self.emit(record)
 
+    def request_event(
+        self, request: ProxyRequest, event: str, level: str = "info", **fields: object
+    ) -> None:
+        """A policy decision about one request: logged with the request's ids and trace
+        fields, and attached to its span as an event when the span is exported."""
+        if request.span_events is not None:
+            attributes = tuple(
+                (key, value)
+                for key, value in fields.items()
+                if isinstance(value, str | int | float | bool)
+            )
+            request.span_events.append(SpanEvent(event, time.time_ns(), attributes))
+        self.event(event, level, request_id=request.request_id, **request.log_fields, **fields)
+
+
+class IdentityHasher:
+    """Organisation and user ids as they appear in logs: keyed hashes, or clear if configured.
+
+    HMAC-SHA256 with a secret key, cut to 16 hex characters: the same id gives the same
+    value on every line (so lines correlate) but cannot be reversed, nor guessed from a
+    list of likely ids without the key.
+    """
+
+    def __init__(self, key: bytes | None) -> None:
+        self._key = key
+
+    def __call__(self, value: str) -> str:
+        if self._key is None:
+            return sanitise(value, 128)
+        digest = hmac.new(self._key, value.encode("utf-8", "surrogateescape"), hashlib.sha256)
+        return digest.hexdigest()[:16]
+
 
 class AccessLog:
     """One line per request; built only when this request is to be logged."""
 
-    def __init__(self, config: AccessLogConfig, sink: LogSink) -> None:
+    def __init__(
+        self,
+        config: AccessLogConfig,
+        sink: LogSink,
+        identity: IdentityConfig | None = None,
+        hash_id: IdentityHasher | None = None,
+    ) -> None:
         self._sink = sink
         self._sample = config.sample
         self._include_query = config.include_query
         self._headers = tuple(h for h in config.headers if h not in config.redact_headers)
+        self._org_header = identity.org_header if identity is not None else None
+        self._user_header = identity.user_header if identity is not None else None
+        self._hash_id = hash_id or IdentityHasher(None)
 
     def wanted(self, status: int) -> bool:
         """Whether this request gets a line: sampled, but server errors always do."""
@@ -139,10 +183,18 @@ class AccessLog:
             "client": client,
             "request_id": request_id,
         }
-        if self._headers and headers is not None:
-            record["req_headers"] = {
-                h: sanitise(v) for h in self._headers if (v := headers.get(h)) is not None
-            }
+        if headers is not None:
+            self._add_identity(record, headers)
+            if self._headers:
+                record["req_headers"] = {
+                    h: sanitise(v) for h in self._headers if (v := headers.get(h)) is not None
+                }
         if extra:
             record.update(extra)
         self._sink.emit(record)
+
+    def _add_identity(self, record: dict[str, object], headers: Mapping[str, str]) -> None:
+        if self._org_header is not None and (org := headers.get(self._org_header)):
+            record["org"] = self._hash_id(org)
+        if self._user_header is not None and (user := headers.get(self._user_header)):
+            record["user"] = self._hash_id(user)

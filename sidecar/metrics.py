@@ -107,6 +107,17 @@ class Metrics:
             ["operation", "kind"],
             registry=r,
         )
+        self.spans_exported = Counter(
+            "sidecar_spans_exported",
+            "Spans accepted by the OTLP collector.",
+            registry=r,
+        )
+        self.spans_dropped = Counter(
+            "sidecar_spans_dropped",
+            "Spans not exported, by reason (queue_full, export_failed).",
+            ["reason"],
+            registry=r,
+        )
         self.build_info.labels(__version__, platform.python_version(), aiohttp.__version__).set(1)
         self._routes: dict[str, RouteMetrics] = {}
 

@@ -9,6 +9,8 @@ from sidecar.chain import Next
 from sidecar.config import RouteConfig, RouteMatch
 from sidecar.metrics import RouteMetrics
 
+# The route name requests that no route takes are counted and logged under.
+UNROUTED = "unmatched"
 # (method, host without port, lower-case; raw path) -> matched?
 Matcher = Callable[[str, str, str], bool]
 

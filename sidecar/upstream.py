@@ -16,7 +16,6 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import aiohttp
@@ -25,7 +24,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from sidecar import errors
-from sidecar.chain import BodyTooLarge, Next, ProxyRequest, ProxyResponse
+from sidecar.chain import BodyTooLarge, Next, ProxyRequest, ProxyResponse, UpstreamFailure
 from sidecar.config import RouteConfig, UpstreamConfig
 from sidecar.websocket import connect_websocket, is_websocket_upgrade
 
@@ -67,16 +66,6 @@ def _connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> fro
     if not values:
         return frozenset()
     return frozenset(t.strip().lower() for v in values for t in v.split(",") if t.strip())
-
-
-class UpstreamFailure(Exception):
-    """Why a request could not be forwarded; mapped to a problem response by the caller."""
-
-    def __init__(self, kind: str, problem: errors.Problem, detail: str) -> None:
-        super().__init__(detail)
-        self.kind = kind
-        self.problem = problem
-        self.detail = detail
 
 
 @dataclass(slots=True)
@@ -151,14 +140,31 @@ class Forwarder:
         )
 
     def for_route(self, route: RouteConfig) -> Next:
-        """The terminal step of one route's chain, its timeouts made once at config load."""
+        """The terminal step of one route's chain, its timeouts made once at config load.
+
+        Failures come back as problem responses (with `failure` set), not exceptions, so
+        they travel out through the chain like any response: tracing adds its headers,
+        a breaker or retry policy sees what happened.
+        """
         timeout = aiohttp.ClientTimeout(
             total=None,
             sock_connect=self.config.connect_timeout,
             # Bounds every read, so also the silence between two chunks of a streamed body.
             sock_read=route.idle_timeout,
         )
-        return partial(self.forward, client_timeout=timeout)
+        forward = self.forward
+
+        async def terminal(request: ProxyRequest) -> ProxyResponse:
+            try:
+                return await forward(request, timeout)
+            except BodyTooLarge as exc:
+                return errors.body_too_large(request, exc.limit)
+            except UpstreamFailure as failure:
+                response = errors.problem_for(failure.problem, request, failure.detail)
+                response.failure = failure
+                return response
+
+        return terminal
 
     async def close(self) -> None:
         await self.session.close()
@@ -196,7 +202,7 @@ class Forwarder:
             # Before TimeoutError: aiohttp's socket timeouts are TimeoutErrors too.
             if stream is not None and stream.exceeded:
                 raise BodyTooLarge(stream.limit) from None
-            raise classify_client_error(exc) from None
+            raise errors.classify_client_error(exc) from None
         except TimeoutError:
             if stream is not None and stream.exceeded:
                 raise BodyTooLarge(stream.limit) from None
@@ -248,35 +254,3 @@ async def _relay_chunks(upstream: aiohttp.ClientResponse) -> AsyncIterator[bytes
     # as each event is written, not when some buffer fills.
     async for chunk in upstream.content.iter_any():
         yield chunk
-
-
-def classify_client_error(exc: aiohttp.ClientError) -> UpstreamFailure:
-    """Map an aiohttp client error to the kind we count and the problem we answer.
-
-    The detail is ours, never aiohttp's message: those embed the upstream URL with the
-    client's query string, which must not reach logs or clients.
-    """
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return UpstreamFailure(
-            "connect_timeout",
-            errors.UPSTREAM_CONNECT_FAILED,
-            "connecting to the upstream timed out",
-        )
-    if isinstance(exc, aiohttp.ServerTimeoutError):
-        return UpstreamFailure(
-            "timeout", errors.UPSTREAM_TIMEOUT, "the upstream stopped sending data"
-        )
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        reason = exc.os_error.strerror or type(exc.os_error).__name__
-        return UpstreamFailure(
-            "connect", errors.UPSTREAM_CONNECT_FAILED, f"cannot connect to the upstream: {reason}"
-        )
-    if isinstance(exc, aiohttp.ClientResponseError):
-        return UpstreamFailure(
-            "bad_response",
-            errors.UPSTREAM_BAD_RESPONSE,
-            "the upstream's response is not valid HTTP/1.1",
-        )
-    return UpstreamFailure(
-        "reset", errors.UPSTREAM_RESET, "the upstream closed the connection before responding"
-    )

@@ -67,19 +67,21 @@ async def connect_websocket(forwarder: Forwarder, request: ProxyRequest) -> Prox
             )
     except aiohttp.WSServerHandshakeError as exc:
         # The app said no (auth, wrong path...): the client sees the app's status.
-        return errors.problem_response(
+        return errors.problem_for(
             errors.WEBSOCKET_FAILED,
-            request.request_id,
+            request,
             detail=f"upstream answered the upgrade with {exc.status}",
             status=exc.status,
         )
-    except TimeoutError:
-        return errors.problem_response(
-            errors.UPSTREAM_TIMEOUT, request.request_id, detail="WebSocket handshake timed out"
-        )
     except aiohttp.ClientError as exc:
-        return errors.problem_response(
-            errors.UPSTREAM_CONNECT_FAILED, request.request_id, detail=str(exc)
+        # Before TimeoutError: aiohttp's socket timeouts are TimeoutErrors too.
+        failure = errors.classify_client_error(exc)
+        response = errors.problem_for(failure.problem, request, failure.detail)
+        response.failure = failure
+        return response
+    except TimeoutError:
+        return errors.problem_for(
+            errors.UPSTREAM_TIMEOUT, request, detail="WebSocket handshake timed out"
         )
 
     async def relay(raw: web.BaseRequest) -> web.StreamResponse:

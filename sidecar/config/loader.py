@@ -23,9 +23,12 @@ from sidecar.config.model import (
     LoggingConfig,
     RouteConfig,
     RouteMatch,
+    RouteTracing,
     ServerConfig,
     SidecarConfig,
+    SpanExportConfig,
     StateConfig,
+    TracingConfig,
     UpstreamConfig,
 )
 from sidecar.config.raw import RawEntry, RawMap, RawNode, RawScalar, RawSeq, compose
@@ -57,10 +60,12 @@ from sidecar.config.values import (
     UpstreamTarget,
     parse_address,
     parse_header_name,
+    parse_header_name_as_written,
     parse_host,
     parse_key_prefix,
     parse_method,
     parse_network,
+    parse_otlp_endpoint,
     parse_path,
     parse_path_regex,
     parse_route_name,
@@ -79,6 +84,12 @@ _header_name = text(parse_header_name, "a header name like X-Org-Id")
 _header_names = list_of(_header_name, "a list of header names like [User-Agent]")
 _path = text(parse_path, "a path starting with '/'")
 _WILDCARD_HOSTS = frozenset({"0.0.0.0", "::"})
+
+
+def _non_empty(text: str) -> str:
+    if not text:
+        raise ValueError("expected a non-empty string")
+    return text
 
 
 # --- server -----------------------------------------------------------------------------------
@@ -166,6 +177,48 @@ ACCESS_LOG: Schema = {
 LOGGING: Schema = {
     "level": choice(("debug", "info", "warning", "error")),
     "access": section(_access_log, ACCESS_LOG),
+    "ids": choice(("hashed", "clear")),
+    "id_hash_key": optional(text(_non_empty, "a secret string")),
+}
+
+
+# --- tracing ----------------------------------------------------------------------------------
+
+_written_header = text(parse_header_name_as_written, "a header name like X-Request-Id")
+
+SPAN_EXPORT: Schema = {
+    "endpoint": optional(
+        text(parse_otlp_endpoint, "a URL like http://otel-collector:4318/v1/traces")
+    ),
+    "service_name": text(_non_empty, "a service name"),
+    "queue_size": integer(minimum=1),
+    "batch_size": integer(minimum=1),
+    "interval": duration(allow_zero=False),
+    "timeout": duration(allow_zero=False),
+}
+
+
+def _tracing(b3: dict[str, Any] | None = None, **values: Any) -> TracingConfig:
+    # `b3: {accept, emit}` reads as one block in YAML; the model keeps two flat fields.
+    b3 = b3 or {}
+    return TracingConfig(b3_accept=b3.get("accept", True), b3_emit=b3.get("emit", "none"), **values)
+
+
+B3: Schema = {
+    "accept": boolean,
+    "emit": choice(("none", "single", "multi")),
+}
+
+TRACING: Schema = {
+    "request_id_header": _written_header,
+    "trace_id_header": _written_header,
+    "sample_ratio": fraction,
+    "b3": section(dict, B3),
+    "export": section(SpanExportConfig, SPAN_EXPORT),
+}
+
+ROUTE_TRACING: Schema = {
+    "enabled": boolean,
 }
 
 
@@ -228,6 +281,7 @@ ROUTE_POLICIES: Schema = {
     "timeout": duration(allow_zero=False),
     "idle_timeout": duration(allow_zero=False),
     "max_body": size(),
+    "tracing": section(RouteTracing, ROUTE_TRACING),
 }
 
 ROUTE: Schema = {
@@ -373,6 +427,7 @@ SECTIONS: Mapping[str, Converter[Any]] = {
     "state": section(StateConfig, STATE),
     "identity": section(IdentityConfig, IDENTITY),
     "logging": section(LoggingConfig, LOGGING),
+    "tracing": section(_tracing, TRACING),
 }
 _TOP_LEVEL_KEYS = (*SECTIONS, "defaults", "routes")
 

@@ -94,6 +94,45 @@ class AccessLogConfig:
 class LoggingConfig:
     level: str = "info"
     access: AccessLogConfig = AccessLogConfig()
+    # How organisation and user ids appear in logs: "hashed" (HMAC-SHA256 with
+    # `id_hash_key`, so lines correlate without exposing ids) or "clear".
+    ids: str = "hashed"
+    # The HMAC key; without one each process draws a random key (hashes then differ
+    # between replicas and restarts).
+    id_hash_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SpanExportConfig:
+    """OTLP/HTTP span export (needs the `otel` extra); off while `endpoint` is None."""
+
+    endpoint: str | None = None
+    service_name: str = "sidecar"
+    # Spans waiting to be sent; beyond this new spans are dropped (and counted).
+    queue_size: int = 2048
+    batch_size: int = 512
+    interval: float = 1.0
+    timeout: float = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class TracingConfig:
+    # Header names as they are written on responses (matching ignores case).
+    request_id_header: str = "X-Request-Id"
+    trace_id_header: str = "X-Trace-Id"
+    # Share of new traces (no valid parent) that are sampled; a parent's decision is kept.
+    sample_ratio: float = 1.0
+    # B3: accept it when there is no traceparent; emit it upstream ("none", "single", "multi").
+    b3_accept: bool = True
+    b3_emit: str = "none"
+    export: SpanExportConfig = SpanExportConfig()
+
+
+@dataclass(frozen=True, slots=True)
+class RouteTracing:
+    """Per route: whether trace headers are read, made and propagated."""
+
+    enabled: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +169,7 @@ class RouteConfig:
     idle_timeout: float = 300.0
     # Largest request body accepted on this route (defaults to server.max_body).
     max_body: int = 10 * 1024 * 1024
+    tracing: RouteTracing = RouteTracing()
     # The YAML line the route starts on, for messages.
     line: int = 0
 
@@ -141,6 +181,7 @@ class SidecarConfig:
     state: StateConfig = StateConfig()
     identity: IdentityConfig = IdentityConfig()
     logging: LoggingConfig = LoggingConfig()
+    tracing: TracingConfig = TracingConfig()
     routes: tuple[RouteConfig, ...] = ()
     # Where it came from: the file path ("<embedded>" for the built-in default),
     # the SHA-256 of its bytes, and when it was loaded (Unix time).

@@ -133,6 +133,22 @@ def parse_header_name(text: str) -> str:
     return text.lower()
 
 
+def parse_header_name_as_written(text: str) -> str:
+    """A header name the sidecar writes: validated, its case kept for readability."""
+    if not _TOKEN.fullmatch(text):
+        raise ValueError(f"expected a header name like X-Request-Id, got {text!r}")
+    return text
+
+
+def parse_otlp_endpoint(text: str) -> str:
+    scheme, sep, rest = text.partition("://")
+    if not sep or scheme not in ("http", "https") or not rest or rest.startswith("/"):
+        raise ValueError(
+            f"expected an OTLP/HTTP URL like http://otel-collector:4318/v1/traces, got {text!r}"
+        )
+    return text
+
+
 def parse_method(text: str) -> str:
     if not _TOKEN.fullmatch(text):
         raise ValueError(f"expected an HTTP method like GET, got {text!r}")

@@ -7,31 +7,18 @@ up; policies never import each other.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-
 from sidecar.chain import Policy
-from sidecar.config import RouteConfig, SidecarConfig
-from sidecar.logs import LogSink
-from sidecar.metrics import Metrics
-from sidecar.store import StateStore
+from sidecar.config import RouteConfig
+from sidecar.policies import body_limit, tracing
+from sidecar.policies.base import PolicyDeps, PolicyFactory
 
+__all__ = ["CHAIN_ORDER", "PolicyDeps", "PolicyFactory", "build_policies"]
 
-@dataclass(frozen=True, slots=True)
-class PolicyDeps:
-    """What a policy factory may use: shared, long-lived objects, injected."""
-
-    config: SidecarConfig
-    store: StateStore
-    metrics: Metrics
-    log: LogSink
-
-
-PolicyFactory = Callable[[RouteConfig, PolicyDeps], Policy | None]
-
-# Outermost first: tracing, identity, idempotency lookup, quota/breaker admission,
-# idempotency claim, retry/timeout next to the forwarder. Empty until the policies land.
-CHAIN_ORDER: tuple[PolicyFactory, ...] = ()
+# Outermost first. Tracing wraps everything so every answer, the sidecar's own included,
+# carries the trace headers; the body limit refuses oversized bodies before any policy
+# spends a store round trip on them. Idempotency, quota/breaker admission and retries
+# take their places after these as they land.
+CHAIN_ORDER: tuple[PolicyFactory, ...] = (tracing.build, body_limit.build)
 
 
 def build_policies(route: RouteConfig, deps: PolicyDeps) -> list[Policy]:

@@ -306,7 +306,14 @@ async def test_trusted_proxy_without_forwarded_headers_gets_them_set(
 
 # -- 7: nothing added ---------------------------------------------------------------------
 
-_SIDECAR_ADDED = {"x-request-id", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"}
+# traceparent: a request without trace context starts a new trace (tracing is on by default).
+_SIDECAR_ADDED = {
+    "x-request-id",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "traceparent",
+}
 
 
 @pytest.mark.parametrize("method", ["GET", "OPTIONS", "DELETE", "POST"])
@@ -342,8 +349,16 @@ async def test_response_server_header_not_invented() -> None:
 
 async def test_response_gets_no_other_headers_added() -> None:
     # Date is required of a forwarding recipient when the app sent none (RFC 9110 §6.6.1);
-    # X-Request-Id is the sidecar's echo; Connection may frame the client hop.
-    allowed = {"content-length", "date", "x-request-id", "connection", "content-type", "server"}
+    # X-Request-Id and X-Trace-Id are the sidecar's; Connection may frame the client hop.
+    allowed = {
+        "content-length",
+        "date",
+        "x-request-id",
+        "x-trace-id",
+        "connection",
+        "content-type",
+        "server",
+    }
     assert await _bare_response_headers() <= allowed
 
 

@@ -27,3 +27,20 @@ def redis_url(redis_server: RedisServer) -> Iterator[str]:
 
 
 # --- end Redis ---------------------------------------------------------------------------
+
+
+# --- Privacy: no test's log output may contain the planted secret ------------------------
+from tests.support import LOG_OUTPUT, PLANTED_SECRET  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_planted_secret_in_any_log() -> Iterator[None]:
+    """Fails the session if any log line of any test (in-process or a sidecar subprocess)
+    contains the planted secret that privacy tests send in credentials and queries."""
+    yield
+    planted = PLANTED_SECRET.encode()
+    leaks = [chunk[:300] for chunk in LOG_OUTPUT if planted in chunk]
+    assert not leaks, f"the planted secret reached the logs: {leaks[:3]}"
+
+
+# --- end privacy -------------------------------------------------------------------------

@@ -19,6 +19,11 @@ from sidecar.app import Sidecar
 from sidecar.config import Address, SidecarConfig, parse_config
 from sidecar.logs import LogSink
 
+# A value tests send where secrets go (Authorization, cookies, passwords, queries). Every log
+# line the suite produces is kept in LOG_OUTPUT and the session fails if this appears in any.
+PLANTED_SECRET = "pl4nted-s3cret-7f3a9c"
+LOG_OUTPUT: list[bytes] = []
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -175,6 +180,7 @@ class CapturingSink(LogSink):
 
     def emit(self, record: dict[str, object]) -> None:
         self.records.append(record)
+        LOG_OUTPUT.append(orjson.dumps(record))
         super().emit(record)
 
 
@@ -270,6 +276,7 @@ class SidecarProcess:
         assert self.process is not None and self.process.stdout is not None
         async for line in self.process.stdout:
             self.stdout.append(line)
+            LOG_OUTPUT.append(line)
 
     def events(self) -> list[dict[str, object]]:
         """The JSON log lines printed so far."""

@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from sidecar.config.describe import mask_url
 from sidecar.config.model import Address, IPNetwork
 
 __all__ = [
@@ -120,8 +121,9 @@ def parse_state_url(text: str) -> str:
     """Only the scheme is checked: the store backend owns the rest of the URL's meaning."""
     scheme, separator, _ = text.partition("://")
     if not separator or scheme.lower() not in STATE_SCHEMES:
+        # Masked: this URL usually carries the Redis password, and errors get logged.
         raise ValueError(
-            f"expected a URL like memory:// or redis://host:6379/0, got {text!r}"
+            f"expected a URL like memory:// or redis://host:6379/0, got {mask_url(text)!r}"
             f" (the scheme must be one of {', '.join(STATE_SCHEMES)})"
         )
     return text

@@ -28,7 +28,7 @@ from sidecar.metrics import Metrics
 from sidecar.policies import PolicyDeps, build_policies, tracing
 from sidecar.routing import UNROUTED, CompiledRoute, RouteTable, compile_matcher
 from sidecar.spans import SpanExporter
-from sidecar.store import StateStore, open_store
+from sidecar.store import StateStore, check_state_config, open_store
 from sidecar.upstream import Forwarder
 
 
@@ -264,7 +264,7 @@ class Sidecar:
         if not forced and _file_sha256(self.config_path) == current.sha256:
             return False
         try:
-            config = load_config(self.config_path)
+            config = load_config(self.config_path, check_state=check_state_config)
         except ConfigError as exc:
             return self._reload_failed([str(issue) for issue in exc.issues])
         except OSError as exc:

@@ -10,7 +10,13 @@ from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from sidecar import __version__
-from sidecar.config import ConfigError, SidecarConfig, describe_config, embedded_config, load_config
+from sidecar.config import (
+    ConfigError,
+    SidecarConfig,
+    describe_config,
+    embedded_config,
+    load_config,
+)
 
 CONFIG_ENV = "SIDECAR_CONFIG"
 WORKER_ENV = "SIDECAR_WORKER"
@@ -55,9 +61,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
 
 
+def load_checked(path: str) -> SidecarConfig:
+    """Load a config file, with the store's own checks of the state URL."""
+    from sidecar.store import check_state_config
+
+    return load_config(path, check_state=check_state_config)
+
+
 def check_config(path: str) -> int:
     try:
-        config = load_config(path)
+        config = load_checked(path)
     except ConfigError as exc:
         for issue in exc.issues:
             print(issue, file=sys.stderr)
@@ -71,7 +84,7 @@ def check_config(path: str) -> int:
 
 def run(path: str | None) -> int:
     try:
-        config = load_config(path) if path else embedded_config()
+        config = load_checked(path) if path else embedded_config()
     except ConfigError as exc:
         for issue in exc.issues:
             print(issue, file=sys.stderr)

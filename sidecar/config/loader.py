@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -432,7 +432,21 @@ SECTIONS: Mapping[str, Converter[Any]] = {
 _TOP_LEVEL_KEYS = (*SECTIONS, "defaults", "routes")
 
 
-def _config(root: RawNode, log: IssueLog) -> SidecarConfig:
+# A deeper check of the state section that only the store can make (its URL options); it
+# raises ValueError. Injected by the caller so the config layer never imports the store.
+StateCheck = Callable[[StateConfig], None]
+
+
+def _check_state(root: RawMap, state: StateConfig, check: StateCheck, log: IssueLog) -> None:
+    try:
+        check(state)
+    except ValueError as error:
+        entry = root.entries.get("state")
+        line = entry_line(entry.value, "url") if entry and isinstance(entry.value, RawMap) else 0
+        log.add(line, "state.url", str(error).removeprefix("state.url: "))
+
+
+def _config(root: RawNode, log: IssueLog, check_state: StateCheck | None = None) -> SidecarConfig:
     if not isinstance(root, RawMap):
         expected = "a mapping of sections like server:, upstream:, routes: at the top level"
         if not (isinstance(root, RawScalar) and root.broken):
@@ -449,13 +463,21 @@ def _config(root: RawNode, log: IssueLog) -> SidecarConfig:
         if not isinstance(value, Missing):
             sections[key] = value
     server = sections.get("server", ServerConfig())
+    if check_state is not None and "state" in sections:
+        _check_state(root, sections["state"], check_state, log)
     return SidecarConfig(**sections, routes=_routes(root, server, log))
 
 
-def _load(text: str, source: str, sha256: str, env: Mapping[str, str] | None) -> SidecarConfig:
+def _load(
+    text: str,
+    source: str,
+    sha256: str,
+    env: Mapping[str, str] | None,
+    check_state: StateCheck | None = None,
+) -> SidecarConfig:
     log = IssueLog(source)
     root = compose(text, log, os.environ if env is None else env)
-    config = _config(root, log) if root is not None else SidecarConfig()
+    config = _config(root, log, check_state) if root is not None else SidecarConfig()
     log.raise_if_any()
     return replace(config, source=source, sha256=sha256, loaded_at=time.time())
 
@@ -468,10 +490,15 @@ def parse_config(
 
 
 def load_config(
-    path: str | os.PathLike[str], env: Mapping[str, str] | None = None
+    path: str | os.PathLike[str],
+    env: Mapping[str, str] | None = None,
+    *,
+    check_state: StateCheck | None = None,
 ) -> SidecarConfig:
     """Read and validate the YAML file at `path`; `env` defaults to os.environ.
 
+    `check_state` may reject the state section (raising ValueError) with checks only the
+    store can make; its message is reported at the line of `state.url`.
     Raises ConfigError for an invalid config, OSError when the file cannot be read.
     """
     source = os.fspath(path)
@@ -482,7 +509,7 @@ def load_config(
         line = data.count(b"\n", 0, error.start) + 1
         message = f"the file is not valid UTF-8 ({error.reason} at byte {error.start})"
         raise ConfigError([ConfigIssue(source, line, DOCUMENT, message)]) from None
-    return _load(decoded, source, hashlib.sha256(data).hexdigest(), env)
+    return _load(decoded, source, hashlib.sha256(data).hexdigest(), env, check_state)
 
 
 def embedded_config(upstream_url: str | None = None) -> SidecarConfig:

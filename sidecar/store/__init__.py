@@ -13,7 +13,12 @@ from sidecar.store.base import (
     StateStore,
     StoreError,
 )
-from sidecar.store.factory import SUPPORTED_SCHEMES, StoreObserver, open_store
+from sidecar.store.factory import (
+    SUPPORTED_SCHEMES,
+    StoreObserver,
+    check_state_config,
+    open_store,
+)
 from sidecar.store.memory import MemoryStore
 
 __all__ = [
@@ -28,5 +33,6 @@ __all__ = [
     "StateStore",
     "StoreError",
     "StoreObserver",
+    "check_state_config",
     "open_store",
 ]

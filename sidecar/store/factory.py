@@ -40,6 +40,19 @@ def open_store(config: StateConfig, observe: StoreObserver | None = None) -> Sta
     raise ValueError(f"state.url: unsupported scheme {scheme!r} (use one of {supported})")
 
 
+def check_state_config(config: StateConfig) -> None:
+    """Everything open_store would reject, without building anything (for config loading)."""
+    scheme = url_scheme(config.url)
+    check_key_prefix(config.key_prefix)
+    if scheme in REDIS_SCHEMES:
+        from sidecar.store.redis import check_url
+
+        check_url(config.url)
+    elif scheme not in MEMORY_SCHEMES:
+        supported = ", ".join(f"{name}://" for name in sorted(SUPPORTED_SCHEMES))
+        raise ValueError(f"state.url: unsupported scheme {scheme!r} (use one of {supported})")
+
+
 def url_scheme(url: str) -> str:
     return urlsplit(url).scheme.lower()
 

@@ -232,6 +232,18 @@ def _make_client(config: StateConfig) -> tuple[Redis, Sentinel | None]:
     return Redis.from_pool(pool), None
 
 
+def check_url(url: str) -> None:
+    """Raise ValueError for a URL the store could not use (no client is built, no I/O)."""
+    if urlsplit(url).scheme.lower() == SENTINEL_SCHEME:
+        parse_sentinel_url(url)
+        return
+    try:
+        options = parse_url(url)
+    except ValueError as exc:
+        raise ValueError(f"state.url: {exc}: {_redact(url)}") from None
+    _check_options(ConnectionPool(**options), url)
+
+
 def _check_options(pool: ConnectionPool, url: str) -> None:
     """Fail now on an unknown URL query option, not with a TypeError on first use.
 

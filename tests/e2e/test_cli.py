@@ -126,3 +126,12 @@ async def test_demo_serves_the_echo_app_through_the_sidecar() -> None:
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+def test_check_config_applies_the_stores_own_url_checks(tmp_path: Path) -> None:
+    path = tmp_path / "bad-state.yaml"
+    path.write_text("state:\n  url: redis://:pw@redis:6379/0?no_such_option=1\n")
+    result = sidecar_cli("check-config", str(path))
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"{path}:2: state.url: unsupported option")
+    assert ":pw@" not in result.stderr  # the password is masked

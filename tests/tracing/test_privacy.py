@@ -1,0 +1,165 @@
+"""A planted secret travels in every credential-bearing place of a request — through a 200,
+a 404 and a 502 — and must appear in no log line the sidecar writes."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+from urllib.parse import quote
+
+import orjson
+import pytest
+
+from sidecar.config import ConfigError
+from tests.proxy.conftest import wait_until
+from tests.support import (
+    RawUpstream,
+    RunningSidecar,
+    SidecarProcess,
+    free_port,
+    raw_request,
+    run_sidecar,
+    write_config,
+)
+from tests.tracing.conftest import (
+    TEST_TIMEOUT,
+    build_request,
+    export_yaml,
+    one,
+    send,
+    tracing_config,
+)
+
+PLANTED = "pl4nted-s3cret-" + "q7Zx91Kd"
+
+# Headers the config asks to log, redacted ones included: redaction must win.
+LOGGING = (
+    "logging:\n"
+    "  access:\n"
+    "    include_query: false\n"
+    "    redact_headers: [X-Api-Key]\n"
+    "    headers: [User-Agent, Authorization, Proxy-Authorization, Cookie, X-Api-Key]\n"
+    "routes:\n"
+    "  - name: api\n"
+    "    match: {path_prefix: /api}\n"
+)
+
+SECRET_HEADERS = [
+    ("User-Agent", "privacy-probe/1"),
+    ("Authorization", f"Bearer {PLANTED}"),
+    ("Proxy-Authorization", f"Basic {PLANTED}"),
+    ("Cookie", f"session={PLANTED}; theme=dark"),
+    ("X-Api-Key", PLANTED),
+]
+QUERY = f"?token={quote(PLANTED)}&page=2"
+
+
+def serialised(sc: RunningSidecar) -> list[bytes]:
+    return [orjson.dumps(record) for record in sc.log.records]
+
+
+async def send_planted(sc: RunningSidecar, path: str, status: int) -> str:
+    response = await send(sc.port, path + QUERY, headers=SECRET_HEADERS)
+    assert response.status == status, response.body
+    request_id = one(response.header("X-Request-Id"))
+    await wait_until(
+        lambda: any(
+            r.get("event") == "access" and r.get("request_id") == request_id for r in sc.log.records
+        ),
+        timeout=3.0,
+    )
+    return request_id
+
+
+def assert_not_logged(sc: RunningSidecar) -> None:
+    needle = PLANTED.encode()
+    leaks = [line for line in serialised(sc) if needle in line]
+    assert leaks == []
+
+
+async def test_planted_secret_is_never_logged(upstream: RawUpstream) -> None:
+    async with (
+        asyncio.timeout(TEST_TIMEOUT),
+        run_sidecar(tracing_config(upstream.url, LOGGING)) as sc,
+    ):
+        ok = await send_planted(sc, "/api/orders", 200)
+        missing = await send_planted(sc, "/elsewhere", 404)
+        # The secret really went through: the app got the credentials and the query.
+        (received,) = upstream.exchanges
+        assert PLANTED.encode() in received.head
+        assert quote(PLANTED).encode() in received.request_line
+        # Header logging is on, so a leak would show: the harmless header is there.
+        lines = {str(r.get("request_id")): r for r in sc.log.records if r.get("event") == "access"}
+        for request_id in (ok, missing):
+            assert lines[request_id]["req_headers"] == {"user-agent": "privacy-probe/1"}
+            assert lines[request_id]["path"] in ("/api/orders", "/elsewhere")
+        assert_not_logged(sc)
+
+
+async def test_planted_secret_is_never_logged_on_upstream_failure() -> None:
+    closed = f"http://127.0.0.1:{free_port()}"
+    async with asyncio.timeout(TEST_TIMEOUT), run_sidecar(tracing_config(closed, LOGGING)) as sc:
+        request_id = await send_planted(sc, "/api/orders", 502)
+        events = {str(r.get("event")) for r in sc.log.records if r.get("request_id") == request_id}
+        assert events == {"access", "upstream.error"}
+        assert_not_logged(sc)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: config/values.parse_otlp_endpoint accepts user:password@ in "
+    "tracing.export.endpoint and spans.SpanExporter._send logs the endpoint verbatim in "
+    "the tracing.export_failed event",
+)
+async def test_planted_secret_in_the_export_endpoint_is_never_logged(
+    upstream: RawUpstream,
+) -> None:
+    endpoint = f"http://otel:{PLANTED}@127.0.0.1:{free_port()}/v1/traces"  # collector down
+    try:
+        config = tracing_config(upstream.url, export_yaml(endpoint))
+    except ConfigError:
+        return  # refusing credentials in the URL (as upstream.url does) is fine too
+    async with asyncio.timeout(TEST_TIMEOUT), run_sidecar(config) as sc:
+        assert (await send(sc.port, "/", headers=SECRET_HEADERS)).status == 200
+        await wait_until(
+            lambda: any(r.get("event") == "tracing.export_failed" for r in sc.log.records),
+            timeout=3.0,
+        )
+        assert_not_logged(sc)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: a request aiohttp's parser rejects (a control character in Authorization "
+    "or in the query) is logged by aiohttp.server's 'Error handling request' traceback on "
+    "the process output, request line and header included; sidecar/ leaves Python "
+    "logging unconfigured and does not handle parse errors itself",
+)
+async def test_planted_secret_in_a_malformed_request_never_reaches_the_process_output(
+    upstream: RawUpstream, tmp_path: Path
+) -> None:
+    port, admin_port = free_port(), free_port()
+    config_path = str(tmp_path / "sidecar.yaml")
+    server = {"drain": "0s", "shutdown_grace": "1s", "reload_interval": "0s"}
+    write_config(config_path, upstream.url, port, admin_port, server=server)
+    process = SidecarProcess(config_path, port, admin_port)
+    try:
+        async with asyncio.timeout(TEST_TIMEOUT):
+            await process.start()
+            secret = PLANTED.encode()
+            bad_header = b"GET /api HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer " + secret
+            bad_query = b"GET /api?token=" + secret + b"\x7f HTTP/1.1\r\nHost: a\r\n\r\n"
+            for request in (bad_header + b"\x01\r\n\r\n", bad_query):
+                reply = await raw_request(port, request)
+                assert reply.startswith(b"HTTP/1.") and b" 400 " in reply.split(b"\r\n")[0]
+            # A well-formed request logs its access line: the output is being captured.
+            ok = await raw_request(port, build_request("/api", headers=SECRET_HEADERS))
+            assert b" 200 " in ok.split(b"\r\n")[0]
+            process.signal(signal.SIGTERM)
+            assert await process.wait_exit() == 0
+        output = b"".join(process.stdout)
+        assert b'"event":"access"' in output
+        assert secret not in output
+    finally:
+        await process.stop()

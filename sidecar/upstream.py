@@ -51,13 +51,15 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 def strip_hop_by_hop(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDict[str]:
     """Copy headers in order, keeping repeats, without hop-by-hop ones (RFC 9110 §7.6.1)."""
-    named = _connection_tokens(headers)
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in headers.items():
-        lower = name.lower()
-        if lower in HOP_BY_HOP or (named and lower in named):
-            continue
-        out.add(name, value)
+    # Copy in C, then delete the few hop-by-hop names present: far cheaper than a
+    # Python loop over every header (this runs twice per request).
+    out: CIMultiDict[str] = CIMultiDict(headers)
+    for name in HOP_BY_HOP:
+        if name in out:
+            del out[name]
+    for name in _connection_tokens(headers):
+        if name in out:
+            del out[name]
     return out
 
 
@@ -240,6 +242,13 @@ class Forwarder:
         if request.method == "HEAD" or status in _NO_BODY_STATUSES or status < 200:
             upstream.release()
             return ProxyResponse(status, headers, None, upstream.reason)
+        content = upstream.content
+        if content.is_eof() and hdrs.CONTENT_LENGTH in headers:
+            # The whole (small) body came with the headers: relay it as one buffer, so the
+            # client gets headers and body in one write instead of two.
+            body = content.read_nowait(-1)
+            upstream.release()
+            return ProxyResponse(status, headers, body, upstream.reason)
         return ProxyResponse(
             status,
             headers,

@@ -33,7 +33,8 @@ from sidecar.tracecontext import (
     parse_traceparent,
 )
 
-_getrandbits = random.SystemRandom().getrandbits
+# Ids must be unique, not secret (as in the OpenTelemetry SDKs): Python's PRNG, no syscall.
+_getrandbits = random.getrandbits
 
 
 def new_trace_id() -> str:

@@ -23,8 +23,8 @@ from aiohttp import web
 from sidecar.admin import Admin
 from sidecar.chain import build_chain
 from sidecar.config import ConfigError, RouteConfig, RouteMatch, SidecarConfig, load_config
-from sidecar.handler import ProxyHandler, Runtime, RuntimeHolder, answer_unrouted
-from sidecar.logs import AccessLog, IdentityHasher, LogSink
+from sidecar.handler import ProxyHandler, ProxyServer, Runtime, RuntimeHolder, answer_unrouted
+from sidecar.logs import AccessLog, IdentityHasher, LogSink, route_library_logs
 from sidecar.metrics import Metrics
 from sidecar.policies import PolicyDeps, build_policies, tracing
 from sidecar.routing import UNROUTED, CompiledRoute, RouteTable, compile_matcher
@@ -82,7 +82,7 @@ class Sidecar:
         self.holder = RuntimeHolder(self.build_runtime(config))
         self._stop = asyncio.Event()
         self._reload_requested = asyncio.Event()
-        self._proxy_server: web.Server | None = None
+        self._proxy_server: ProxyServer | None = None
         self._listener: asyncio.Server | None = None
         self._admin_runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -144,7 +144,7 @@ class Sidecar:
         config = self.holder.runtime.config
         loop = asyncio.get_running_loop()
         handler = ProxyHandler(self.holder, self.metrics, self.log)
-        self._proxy_server = web.Server(
+        self._proxy_server = ProxyServer(
             handler,
             handler_cancellation=True,
             auto_decompress=False,
@@ -335,6 +335,7 @@ def _restart_only_changes(old: SidecarConfig, new: SidecarConfig) -> list[str]:
 async def serve(config: SidecarConfig, config_path: str | None, *, reuse_port: bool = False) -> int:
     """Run one sidecar process until SIGTERM/SIGINT; returns the exit code."""
     sidecar = Sidecar(config, config_path, reuse_port=reuse_port)
+    route_library_logs(sidecar.log)
     await sidecar.start()
     sidecar.install_signal_handlers()
     await sidecar.wait_stopped()

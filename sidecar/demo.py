@@ -15,6 +15,7 @@ from aiohttp import web
 
 from sidecar.app import Sidecar
 from sidecar.config import Address, SidecarConfig, embedded_config
+from sidecar.logs import route_library_logs
 
 
 def echo_app() -> web.Application:
@@ -79,6 +80,7 @@ async def run_demo(port: int, admin_port: int) -> int:
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", app_port).start()
     sidecar = Sidecar(demo_config(port, admin_port, app_port))
+    route_library_logs(sidecar.log)
     await sidecar.start()
     sidecar.install_signal_handlers()
     base = f"http://127.0.0.1:{port}"

@@ -17,6 +17,7 @@ PROBLEM_CONTENT_TYPE = "application/problem+json"
 BAD_REQUEST = Problem("bad-request", 400, "The request could not be understood")
 ROUTE_NOT_FOUND = Problem("route-not-found", 404, "No route matches this request")
 BODY_TOO_LARGE = Problem("body-too-large", 413, "Request body too large")
+INTERNAL_ERROR = Problem("internal-error", 500, "The sidecar failed to handle the request")
 UPSTREAM_CONNECT_FAILED = Problem(
     "upstream-connect-failed", 502, "The upstream application could not be reached"
 )
@@ -37,6 +38,7 @@ CATALOGUE: tuple[Problem, ...] = (
     BAD_REQUEST,
     ROUTE_NOT_FOUND,
     BODY_TOO_LARGE,
+    INTERNAL_ERROR,
     UPSTREAM_CONNECT_FAILED,
     UPSTREAM_RESET,
     UPSTREAM_BAD_RESPONSE,

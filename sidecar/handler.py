@@ -11,6 +11,7 @@ import ipaddress
 import time
 from dataclasses import dataclass
 from random import getrandbits
+from typing import Any
 
 from aiohttp import hdrs, web
 from multidict import CIMultiDict
@@ -20,7 +21,8 @@ from sidecar.chain import BodyTooLarge, Next, ProxyRequest, ProxyResponse
 from sidecar.config import SidecarConfig
 from sidecar.logs import AccessLog, LogSink
 from sidecar.metrics import Metrics, RouteMetrics
-from sidecar.routing import CompiledRoute, RouteTable
+from sidecar.routing import UNROUTED, CompiledRoute, RouteTable
+from sidecar.tracecontext import new_trace_id
 from sidecar.upstream import strip_hop_by_hop
 
 # RFC 9110 §9.3.7: OPTIONS * asks about the server itself, which here is the sidecar.
@@ -248,6 +250,35 @@ class ProxyHandler:
                 response.release()
         return written
 
+    def refuse(self, raw: web.BaseRequest, status: int, exc: BaseException | None) -> web.Response:
+        """The answer to a request that never reached a route: unparseable, or our bug."""
+        runtime = self.holder.runtime
+        request_id, trace_id = new_request_id(), new_trace_id()
+        problem = errors.BAD_REQUEST if status < 500 else errors.INTERNAL_ERROR
+        detail = (
+            "the request is not valid HTTP/1.1"
+            if status < 500
+            else "an unexpected error in the sidecar; it has been logged"
+        )
+        response = errors.problem_response(
+            problem, request_id, detail, status=status, members={"trace_id": trace_id}
+        )
+        response.headers[runtime.request_id_header] = request_id
+        response.headers[runtime.config.tracing.trace_id_header] = trace_id
+        self.metrics.route(UNROUTED).count_request("OTHER", status)
+        self.log.event(
+            "request.refused" if status < 500 else "request.failed",
+            level="warning" if status < 500 else "error",
+            status=status,
+            error=type(exc).__name__ if exc is not None else None,
+            request_id=request_id,
+            trace_id=trace_id,
+        )
+        assert isinstance(response.body, bytes)
+        answer = web.Response(status=status, body=response.body, headers=response.headers)
+        answer.force_close()
+        return answer
+
     def _access(
         self,
         runtime: Runtime,
@@ -273,6 +304,37 @@ class ProxyHandler:
             headers=request.raw.headers,
             extra=request.log_fields or None,
         )
+
+
+class ProxyServer(web.Server):
+    """aiohttp's low-level server, answering what aiohttp itself refuses in our own way."""
+
+    def __init__(self, handler: ProxyHandler, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self.proxy = handler
+
+    def __call__(self) -> web.RequestHandler:
+        return _ProxyConnection(self, loop=self._loop, **self._kwargs)
+
+
+class _ProxyConnection(web.RequestHandler):
+    """One client connection. Requests aiohttp's parser rejects (a malformed request line
+    or header), and any unexpected failure of ours, get a problem+json answer with a
+    request id and a trace id, like every other sidecar error, instead of aiohttp's
+    text/plain page; and nothing of the raw request is logged."""
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if request.writer.output_size > 0:
+            raise ConnectionError("the response has started: the connection is broken")
+        manager = self._manager
+        assert isinstance(manager, ProxyServer)
+        return manager.proxy.refuse(request, status, exc)
 
 
 async def answer_unrouted(request: ProxyRequest) -> ProxyResponse:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import logging
 import random
 import sys
 import time
@@ -109,6 +110,40 @@ class LogSink:
         self.event(event, level, request_id=request.request_id, **request.log_fields, **fields)
 
 
+class LibraryLogHandler(logging.Handler):
+    """Turns the `logging` records of aiohttp and asyncio into our JSON events.
+
+    Only the message template and the exception type are kept: aiohttp's messages and
+    exceptions can quote raw request bytes (a malformed header with a token in it), and
+    nothing a client sent may reach the logs unsanitised.
+    """
+
+    def __init__(self, sink: LogSink) -> None:
+        super().__init__(level=logging.WARNING)
+        self._sink = sink
+
+    def emit(self, record: logging.LogRecord) -> None:
+        level = "error" if record.levelno >= logging.ERROR else "warning"
+        error = record.exc_info[1] if record.exc_info else None
+        self._sink.event(
+            "library.log",
+            level=level,
+            logger=record.name,
+            message=sanitise(str(record.msg).partition("\n")[0], 200),
+            error=type(error).__name__ if error is not None else None,
+        )
+
+
+def route_library_logs(sink: LogSink) -> None:
+    """Send aiohttp's and asyncio's own log records through `sink` (once per process)."""
+    for name in ("aiohttp", "asyncio"):
+        logger = logging.getLogger(name)
+        for handler in [h for h in logger.handlers if isinstance(h, LibraryLogHandler)]:
+            logger.removeHandler(handler)
+        logger.addHandler(LibraryLogHandler(sink))
+        logger.propagate = False
+
+
 class IdentityHasher:
     """Organisation and user ids as they appear in logs: keyed hashes, or clear if configured.
 
@@ -187,11 +222,19 @@ class AccessLog:
             self._add_identity(record, headers)
             if self._headers:
                 record["req_headers"] = {
-                    h: sanitise(v) for h in self._headers if (v := headers.get(h)) is not None
+                    h: self._header_value(h, v)
+                    for h in self._headers
+                    if (v := headers.get(h)) is not None
                 }
         if extra:
             record.update(extra)
         self._sink.emit(record)
+
+    def _header_value(self, name: str, value: str) -> str:
+        # Listing an identity header must not bypass `logging.ids: hashed`.
+        if name == self._org_header or name == self._user_header:
+            return self._hash_id(value)
+        return sanitise(value)
 
     def _add_identity(self, record: dict[str, object], headers: Mapping[str, str]) -> None:
         if self._org_header is not None and (org := headers.get(self._org_header)):

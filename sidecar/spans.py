@@ -116,8 +116,8 @@ class SpanExporter:
 
     async def _send(self, batch: list[SpanRecord]) -> None:
         assert self._session is not None and self._config.endpoint is not None
-        body = self.encode(batch)
         try:
+            body = self.encode(batch)
             async with self._session.post(
                 self._config.endpoint,
                 data=body,
@@ -128,14 +128,15 @@ class SpanExporter:
                     raise aiohttp.ClientResponseError(
                         response.request_info, (), status=response.status
                     )
-        except (aiohttp.ClientError, TimeoutError) as error:
+        except (aiohttp.ClientError, TimeoutError, ValueError) as error:
+            # ValueError: a span the encoder refused; never let it stop the exporter.
             self._dropped_failed.inc(len(batch))
             if not self._failing:  # one event per outage, not one per batch
                 self._failing = True
                 self._log.event(
                     "tracing.export_failed",
                     level="warning",
-                    endpoint=self._config.endpoint,
+                    endpoint=self._config.endpoint,  # credentials are refused at load
                     error=type(error).__name__,
                     status=getattr(error, "status", None),
                 )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from random import getrandbits
 
 from multidict import CIMultiDictProxy
 
@@ -29,6 +30,15 @@ TRACESTATE_MAX_MEMBERS = 32
 TRACESTATE_MAX_LENGTH = 512
 # When over the length limit, members longer than this go first (W3C §3.3.1.5).
 _TRACESTATE_LONG_MEMBER = 128
+
+
+def new_trace_id() -> str:
+    # Ids must be unique, not secret (as in the OpenTelemetry SDKs): Python's PRNG, no syscall.
+    return f"{getrandbits(128) or 1:032x}"
+
+
+def new_span_id() -> str:
+    return f"{getrandbits(64) or 1:016x}"
 
 
 @dataclass(frozen=True, slots=True)

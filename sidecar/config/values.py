@@ -146,8 +146,12 @@ def parse_otlp_endpoint(text: str) -> str:
     scheme, sep, rest = text.partition("://")
     if not sep or scheme not in ("http", "https") or not rest or rest.startswith("/"):
         raise ValueError(
-            f"expected an OTLP/HTTP URL like http://otel-collector:4318/v1/traces, got {text!r}"
+            f"expected an OTLP/HTTP URL like http://otel-collector:4318/v1/traces,"
+            f" got {mask_url(text)!r}"
         )
+    if "@" in rest.partition("/")[0]:
+        # The endpoint is logged when export fails: it must never hold a secret.
+        raise ValueError("credentials in the URL are not supported")
     return text
 
 

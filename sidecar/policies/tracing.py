@@ -19,7 +19,9 @@ from multidict import CIMultiDict
 
 from sidecar.chain import Next, Policy, ProxyRequest, ProxyResponse
 from sidecar.config import RouteConfig, TracingConfig
+from sidecar.logs import sanitise
 from sidecar.policies.base import PolicyDeps
+from sidecar.routing import host_without_port
 from sidecar.spans import SpanExporter, SpanRecord
 from sidecar.tracecontext import (
     B3_HEADERS,
@@ -29,20 +31,11 @@ from sidecar.tracecontext import (
     Parent,
     clean_tracestate,
     format_traceparent,
+    new_span_id,
+    new_trace_id,
     parse_b3,
     parse_traceparent,
 )
-
-# Ids must be unique, not secret (as in the OpenTelemetry SDKs): Python's PRNG, no syscall.
-_getrandbits = random.getrandbits
-
-
-def new_trace_id() -> str:
-    return f"{_getrandbits(128) or 1:032x}"
-
-
-def new_span_id() -> str:
-    return f"{_getrandbits(64) or 1:016x}"
 
 
 class TracingPolicy:
@@ -149,9 +142,9 @@ class TracingPolicy:
                     ("http.request.method", request.method),
                     ("http.route", self._route),
                     ("http.response.status_code", status),
-                    ("url.path", request.path),
+                    ("url.path", sanitise(request.path, 2048)),
                     ("url.scheme", "https" if raw.secure else "http"),
-                    ("server.address", raw.host.partition(":")[0]),
+                    ("server.address", sanitise(host_without_port(raw.host).strip("[]"), 255)),
                     ("client.address", request.client_ip),
                     ("network.protocol.version", f"{raw.version.major}.{raw.version.minor}"),
                     ("http.request.body.size", raw.content.total_bytes),

@@ -208,11 +208,6 @@ async def test_raw_identity_bytes_are_hashed_as_sent(upstream: RawUpstream) -> N
         assert line["user"] == hashed(b"u\xc3\xa9\tx")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: logs.AccessLog only keeps redact_headers out of req_headers; identity "
-    "headers listed in logging.access.headers are logged in clear despite logging.ids: hashed",
-)
 async def test_hashed_identity_ids_stay_hashed_when_listed_in_access_headers(
     upstream: RawUpstream,
 ) -> None:

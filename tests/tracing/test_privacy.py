@@ -9,7 +9,6 @@ from pathlib import Path
 from urllib.parse import quote
 
 import orjson
-import pytest
 
 from sidecar.config import ConfigError
 from tests.proxy.conftest import wait_until
@@ -106,12 +105,6 @@ async def test_planted_secret_is_never_logged_on_upstream_failure() -> None:
         assert_not_logged(sc)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: config/values.parse_otlp_endpoint accepts user:password@ in "
-    "tracing.export.endpoint and spans.SpanExporter._send logs the endpoint verbatim in "
-    "the tracing.export_failed event",
-)
 async def test_planted_secret_in_the_export_endpoint_is_never_logged(
     upstream: RawUpstream,
 ) -> None:
@@ -129,13 +122,6 @@ async def test_planted_secret_in_the_export_endpoint_is_never_logged(
         assert_not_logged(sc)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a request aiohttp's parser rejects (a control character in Authorization "
-    "or in the query) is logged by aiohttp.server's 'Error handling request' traceback on "
-    "the process output, request line and header included; sidecar/ leaves Python "
-    "logging unconfigured and does not handle parse errors itself",
-)
 async def test_planted_secret_in_a_malformed_request_never_reaches_the_process_output(
     upstream: RawUpstream, tmp_path: Path
 ) -> None:

@@ -223,13 +223,6 @@ async def test_sidecar_errors_of_new_traces_carry_new_ids(kind: str) -> None:
         assert_uuid4(str(problem["request_id"]))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: targets that are neither a path nor scheme://authority (e.g. 'foo', 'x:y', "
-    "GET '*') are refused by aiohttp's HTTP parser with its own text/plain 400 (HTTP/1.0, "
-    "Server: aiohttp) before sidecar.handler runs, so no request/trace id headers and no "
-    "bad-request problem as docs/errors.md promises",
-)
 @pytest.mark.parametrize("target", ["foo", "x:y", "*"])
 async def test_bad_target_rejected_by_the_parser_still_carries_the_ids(
     upstream: RawUpstream, target: str

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from sidecar.admin import Admin
+from sidecar.background import BackgroundTasks
 from sidecar.chain import build_chain
 from sidecar.config import ConfigError, RouteConfig, RouteMatch, SidecarConfig, load_config
 from sidecar.handler import ProxyHandler, ProxyServer, Runtime, RuntimeHolder, answer_unrouted
@@ -79,6 +80,7 @@ class Sidecar:
             else None
         )
         self.forwarder = Forwarder(config.upstream)
+        self.background = BackgroundTasks()
         self.holder = RuntimeHolder(self.build_runtime(config))
         self._stop = asyncio.Event()
         self._reload_requested = asyncio.Event()
@@ -93,7 +95,12 @@ class Sidecar:
     def build_runtime(self, config: SidecarConfig) -> Runtime:
         """Compile every route's chain; nothing here runs per request."""
         deps = PolicyDeps(
-            config=config, store=self.store, metrics=self.metrics, log=self.log, spans=self.spans
+            config=config,
+            store=self.store,
+            metrics=self.metrics,
+            log=self.log,
+            spans=self.spans,
+            background=self.background,
         )
         compiled = []
         for route in config.routes:
@@ -230,6 +237,8 @@ class Sidecar:
                 await task
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
+        # Store writes that outlived their requests (idempotency outcomes) land first.
+        await self.background.drain(server_config.shutdown_grace)
         await self.forwarder.close()
         await self.store.close()
         if self.spans is not None:

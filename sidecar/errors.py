@@ -30,6 +30,26 @@ UPSTREAM_BAD_RESPONSE = Problem(
 UPSTREAM_TIMEOUT = Problem(
     "upstream-timeout", 504, "The upstream application did not answer in time"
 )
+IDEMPOTENCY_KEY_MISSING = Problem(
+    "idempotency-key-missing", 400, "This request needs an Idempotency-Key header"
+)
+IDEMPOTENCY_KEY_INVALID = Problem(
+    "idempotency-key-invalid", 400, "The Idempotency-Key header is not a valid key"
+)
+IDEMPOTENCY_KEY_REUSED = Problem(
+    "idempotency-key-reused", 422, "This idempotency key was used for a different request"
+)
+IDEMPOTENCY_IN_PROGRESS = Problem(
+    "idempotency-in-progress", 409, "A request with this idempotency key is still in progress"
+)
+IDEMPOTENCY_NOT_REPLAYABLE = Problem(
+    "idempotency-not-replayable",
+    409,
+    "A request with this idempotency key already ran; its response cannot be replayed",
+)
+IDEMPOTENCY_UNAVAILABLE = Problem(
+    "idempotency-unavailable", 503, "Idempotency records are unavailable; retry later"
+)
 WEBSOCKET_FAILED = Problem(
     "websocket-upgrade-failed", 502, "The upstream application refused the WebSocket upgrade"
 )
@@ -43,6 +63,12 @@ CATALOGUE: tuple[Problem, ...] = (
     UPSTREAM_RESET,
     UPSTREAM_BAD_RESPONSE,
     UPSTREAM_TIMEOUT,
+    IDEMPOTENCY_KEY_MISSING,
+    IDEMPOTENCY_KEY_INVALID,
+    IDEMPOTENCY_KEY_REUSED,
+    IDEMPOTENCY_IN_PROGRESS,
+    IDEMPOTENCY_NOT_REPLAYABLE,
+    IDEMPOTENCY_UNAVAILABLE,
     WEBSOCKET_FAILED,
 )
 

@@ -107,6 +107,13 @@ class Metrics:
             ["operation", "kind"],
             registry=r,
         )
+        self.idempotency = Counter(
+            "sidecar_idempotency",
+            "Idempotency decisions, by route and outcome (claimed, replayed, conflict, "
+            "mismatch, bypassed, not_replayable, store_error).",
+            ["route", "outcome"],
+            registry=r,
+        )
         self.spans_exported = Counter(
             "sidecar_spans_exported",
             "Spans accepted by the OTLP collector.",

@@ -12,6 +12,7 @@ from sidecar.config.loader import embedded_config, load_config, parse_config
 from sidecar.config.model import (
     AccessLogConfig,
     Address,
+    IdempotencyConfig,
     IdentityConfig,
     IPNetwork,
     LoggingConfig,
@@ -33,6 +34,7 @@ __all__ = [
     "ConfigError",
     "ConfigIssue",
     "IPNetwork",
+    "IdempotencyConfig",
     "IdentityConfig",
     "LoggingConfig",
     "RouteConfig",

@@ -19,6 +19,7 @@ from sidecar.config.issues import DOCUMENT, ConfigError, ConfigIssue, IssueLog, 
 from sidecar.config.model import (
     AccessLogConfig,
     Address,
+    IdempotencyConfig,
     IdentityConfig,
     LoggingConfig,
     RouteConfig,
@@ -48,6 +49,7 @@ from sidecar.config.schema import (
     integer,
     list_of,
     mapping_of,
+    one_of_integers,
     optional,
     read_fields,
     section,
@@ -273,6 +275,42 @@ def _check_single_path(node: RawMap, path: str, log: IssueLog) -> bool:
     return len(present) <= 1
 
 
+# --- idempotency ------------------------------------------------------------------------------
+
+
+def _idempotency(**values: Any) -> IdempotencyConfig | None:
+    config = IdempotencyConfig(**values)
+    return config if config.enabled else None
+
+
+def _check_idempotency(
+    config: IdempotencyConfig | None, node: RawMap, path: str, log: IssueLog
+) -> None:
+    if config is not None and config.wait >= config.lease and "wait" in node.entries:
+        log.add(
+            entry_line(node, "wait"),
+            join(path, "wait"),
+            f"must be shorter than the lease ({config.lease:g}s): a waiting retry would"
+            " outlive the claim it waits for",
+        )
+
+
+IDEMPOTENCY: Schema = {
+    "enabled": boolean,
+    "methods": _methods,
+    "required": boolean,
+    "header": _header_name,
+    "ttl": duration(allow_zero=False),
+    "lease": duration(allow_zero=False),
+    "wait": duration(allow_zero=True),
+    "max_request_body": size(minimum=1),
+    "max_response_body": size(minimum=0),
+    "cache_5xx": boolean,
+    "on_store_error": choice(("closed", "open")),
+    "mismatch_status": one_of_integers((400, 409, 422)),
+}
+
+
 # Route-level settings other than name and match. `defaults:` accepts exactly these, and
 # merges them into every route. A new per-route policy section (say `idempotency:`) is one
 # entry here, e.g. `"idempotency": section(IdempotencyConfig, IDEMPOTENCY)`, plus its field on
@@ -282,6 +320,7 @@ ROUTE_POLICIES: Schema = {
     "idle_timeout": duration(allow_zero=False),
     "max_body": size(),
     "tracing": section(RouteTracing, ROUTE_TRACING),
+    "idempotency": section(_idempotency, IDEMPOTENCY, _check_idempotency),
 }
 
 ROUTE: Schema = {

@@ -160,6 +160,31 @@ class RouteMatch:
 
 
 @dataclass(frozen=True, slots=True)
+class IdempotencyConfig:
+    """A retried request with the same key runs once; retries get the first response."""
+
+    enabled: bool = True
+    methods: frozenset[str] = frozenset({"POST", "PATCH"})
+    # A listed method without a key gets 400 when required; else it passes unprotected.
+    required: bool = False
+    header: str = "idempotency-key"
+    # How long a completed record (and its replayable response) is kept.
+    ttl: float = 24 * 3600.0
+    # How long an in-progress claim lives without renewal (its owner renews it while the
+    # upstream runs); after a crash, retries execute again once it has expired.
+    lease: float = 30.0
+    # A retry arriving while the first is in flight waits this long for its result (0: 409).
+    wait: float = 0.0
+    max_request_body: int = 1024 * 1024
+    max_response_body: int = 256 * 1024
+    cache_5xx: bool = False
+    # What happens when the store cannot answer: "closed" (503) or "open" (forward unprotected).
+    on_store_error: str = "closed"
+    # Same key, different request: 422 (the IETF draft), or 400/409 for Stripe-style clients.
+    mismatch_status: int = 422
+
+
+@dataclass(frozen=True, slots=True)
 class RouteConfig:
     name: str
     match: RouteMatch
@@ -170,6 +195,7 @@ class RouteConfig:
     # Largest request body accepted on this route (defaults to server.max_body).
     max_body: int = 10 * 1024 * 1024
     tracing: RouteTracing = RouteTracing()
+    idempotency: IdempotencyConfig | None = None
     # The YAML line the route starts on, for messages.
     line: int = 0
 

@@ -172,6 +172,21 @@ def integer(minimum: int) -> Converter[int]:
     return convert_integer
 
 
+def one_of_integers(options: Iterable[int]) -> Converter[int]:
+    """One of a few integers (a status code, say)."""
+    allowed = tuple(options)
+    expected = f"one of {', '.join(str(option) for option in allowed)}"
+
+    def convert_choice(node: RawNode, path: str, log: IssueLog) -> int:
+        value = scalar(node, expected).value
+        if isinstance(value, bool) or value not in allowed:
+            raise Invalid(f"expected {expected}, got {describe(node)}")
+        assert isinstance(value, int)
+        return value
+
+    return convert_choice
+
+
 def fraction(node: RawNode, path: str, log: IssueLog) -> float:
     expected = "a number from 0.0 to 1.0"
     value = scalar(node, expected).value

@@ -9,16 +9,16 @@ from __future__ import annotations
 
 from sidecar.chain import Policy
 from sidecar.config import RouteConfig
-from sidecar.policies import body_limit, tracing
+from sidecar.policies import body_limit, idempotency, tracing
 from sidecar.policies.base import PolicyDeps, PolicyFactory
 
 __all__ = ["CHAIN_ORDER", "PolicyDeps", "PolicyFactory", "build_policies"]
 
 # Outermost first. Tracing wraps everything so every answer, the sidecar's own included,
 # carries the trace headers; the body limit refuses oversized bodies before any policy
-# spends a store round trip on them. Idempotency, quota/breaker admission and retries
-# take their places after these as they land.
-CHAIN_ORDER: tuple[PolicyFactory, ...] = (tracing.build, body_limit.build)
+# spends a store round trip on them; idempotency answers replays, conflicts and mismatches
+# before anything is charged. Quota/breaker admission and retries go after it.
+CHAIN_ORDER: tuple[PolicyFactory, ...] = (tracing.build, body_limit.build, idempotency.build)
 
 
 def build_policies(route: RouteConfig, deps: PolicyDeps) -> list[Policy]:

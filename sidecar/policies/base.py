@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from sidecar.background import BackgroundTasks
 from sidecar.chain import Policy
 from sidecar.config import RouteConfig, SidecarConfig
 from sidecar.logs import LogSink
@@ -22,6 +23,8 @@ class PolicyDeps:
     metrics: Metrics
     log: LogSink
     spans: SpanExporter | None
+    # Work that must outlive its request (store writes after a client hung up).
+    background: BackgroundTasks
 
 
 # Returns None when the route does not enable the policy.

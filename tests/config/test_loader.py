@@ -27,13 +27,18 @@ from sidecar.config import (
 from sidecar.config.issues import IssueLog
 from sidecar.config.loader import (
     ACCESS_LOG,
+    B3,
+    IDEMPOTENCY,
     IDENTITY,
     LOGGING,
     MATCH,
     ROUTE,
+    ROUTE_TRACING,
     SECTIONS,
     SERVER,
+    SPAN_EXPORT,
     STATE,
+    TRACING,
     UPSTREAM,
     _deep_merge,
 )
@@ -339,7 +344,10 @@ def test_shipped_configs_load_cleanly(name: str) -> None:
 
 def test_example_config_uses_every_key() -> None:
     text = (REPO / "config" / "sidecar.example.yaml").read_text()
-    schemas = (SECTIONS, SERVER, UPSTREAM, STATE, IDENTITY, LOGGING, ACCESS_LOG, ROUTE, MATCH)
+    schemas = (
+        *(SECTIONS, SERVER, UPSTREAM, STATE, IDENTITY, LOGGING, ACCESS_LOG, ROUTE, MATCH),
+        *(TRACING, B3, SPAN_EXPORT, ROUTE_TRACING, IDEMPOTENCY),
+    )
     keys = {"defaults", "routes"}.union(*schemas)
     written = set(re.findall(r"(?:^\s*(?:- )?|[{ ])([a-z_]+):", text, re.MULTILINE))
     assert sorted(keys - written) == []

@@ -349,7 +349,7 @@ def test_example_config_uses_every_key() -> None:
         *(TRACING, B3, SPAN_EXPORT, ROUTE_TRACING, IDEMPOTENCY),
     )
     keys = {"defaults", "routes"}.union(*schemas)
-    written = set(re.findall(r"(?:^\s*(?:- )?|[{ ])([a-z_]+):", text, re.MULTILINE))
+    written = set(re.findall(r"(?:^\s*(?:- )?|[{ ])([a-z_][a-z0-9_]*):", text, re.MULTILINE))
     assert sorted(keys - written) == []
 
 

@@ -16,7 +16,9 @@ import hashlib
 import os
 import signal
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 
@@ -32,6 +34,9 @@ from sidecar.routing import UNROUTED, CompiledRoute, RouteTable, compile_matcher
 from sidecar.spans import SpanExporter
 from sidecar.store import StateStore, check_state_config, open_store
 from sidecar.upstream import Forwarder
+
+# Store writes that outlived their requests get at least this long at shutdown.
+_LAST_WRITES_SECONDS = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,13 +92,15 @@ class Sidecar:
         self._proxy_server: ProxyServer | None = None
         self._listener: asyncio.Server | None = None
         self._admin_runner: web.AppRunner | None = None
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._retired: list[Forwarder] = []
         self.metrics.config_last_reload.set(config.loaded_at)
 
     # -- building a config generation ------------------------------------------------
 
-    def build_runtime(self, config: SidecarConfig) -> Runtime:
+    def build_runtime(self, config: SidecarConfig, forwarder: Forwarder | None = None) -> Runtime:
         """Compile every route's chain; nothing here runs per request."""
+        forwarder = forwarder or self.forwarder
         deps = PolicyDeps(
             config=config,
             store=self.store,
@@ -104,7 +111,7 @@ class Sidecar:
         )
         compiled = []
         for route in config.routes:
-            chain = build_chain(build_policies(route, deps), self.forwarder.for_route(route))
+            chain = build_chain(build_policies(route, deps), forwarder.for_route(route))
             compiled.append(
                 CompiledRoute(
                     config=route,
@@ -177,7 +184,7 @@ class Sidecar:
         if self.spans is not None:
             self.spans.start()
         self.listening = True
-        self._tasks.append(asyncio.create_task(self._watch_config()))
+        self._spawn(self._watch_config())
         # Everything made so far (modules, config, routes) lives as long as the process:
         # move it out of the collector's sight so per-request collections stay short.
         gc.freeze()
@@ -218,32 +225,38 @@ class Sidecar:
         await self._stop.wait()
 
     async def shutdown(self) -> None:
-        """Drain, stop listening, let in-flight requests finish, release everything."""
+        """Drain, stop listening, let in-flight requests finish, release everything.
+
+        One deadline for all of it, `drain + shutdown_grace` from now, so the whole stop fits
+        the pod's termination grace period; store writes that outlived their requests
+        (idempotency outcomes) still get at least a second.
+        """
+        loop = asyncio.get_running_loop()
         server_config = self.holder.runtime.config.server
+        deadline = loop.time() + server_config.drain + server_config.shutdown_grace
         self.holder.draining = True
         await asyncio.sleep(server_config.drain)
         if self._listener is not None:
             self._listener.close()
         self.listening = False
-        in_flight = self._proxy_server.requests_count if self._proxy_server else 0
         self.log.event("sidecar.stopping", grace_seconds=server_config.shutdown_grace)
         if self._proxy_server is not None:
             # Closes idle keep-alive connections now and waits for in-flight handlers.
-            await self._proxy_server.shutdown(server_config.shutdown_grace)
-        for task in self._tasks:
+            await self._proxy_server.shutdown(max(deadline - loop.time(), 0.0))
+        for task in list(self._tasks):
             task.cancel()
-        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
-        # Store writes that outlived their requests (idempotency outcomes) land first.
-        await self.background.drain(server_config.shutdown_grace)
-        await self.forwarder.close()
+        await self.background.drain(max(deadline - loop.time(), _LAST_WRITES_SECONDS))
+        for forwarder in (*self._retired, self.forwarder):
+            await forwarder.close()
         await self.store.close()
         if self.spans is not None:
             await self.spans.close()
-        self.log.event("sidecar.stopped", served=in_flight)
+        served = self._proxy_server.requests_count if self._proxy_server else 0
+        self.log.event("sidecar.stopped", requests_served=served)
         self.log.flush()
 
     # -- hot reload ------------------------------------------------------------------
@@ -268,7 +281,10 @@ class Sidecar:
             new_stamp = FileStamp.of(path)
             if forced or new_stamp != stamp:
                 stamp = new_stamp
-                self.reload(forced=forced)
+                try:
+                    self.reload(forced=forced)
+                except Exception as exc:  # never let one bad reload end watching for good
+                    self._reload_failed([f"reloading failed: {type(exc).__name__}"])
 
     def reload(self, *, forced: bool = False) -> bool:
         """Load, validate and swap in the config file; keep the old one if it is invalid."""
@@ -283,9 +299,17 @@ class Sidecar:
         except OSError as exc:
             return self._reload_failed([f"{self.config_path}: {exc.strerror or exc}"])
         restart_only = _restart_only_changes(current, config)
-        if config.upstream != current.upstream:
-            self._replace_forwarder(config)
-        self.holder.runtime = self.build_runtime(config)
+        forwarder = Forwarder(config.upstream) if config.upstream != current.upstream else None
+        try:
+            runtime = self.build_runtime(config, forwarder)
+        except Exception as exc:  # a bug rather than a bad file: keep serving the old config
+            if forwarder is not None:
+                self._spawn(forwarder.close())
+            return self._reload_failed([f"building the new config failed: {type(exc).__name__}"])
+        if forwarder is not None:
+            self._retire(self.forwarder, config.server.shutdown_grace)
+            self.forwarder = forwarder
+        self.holder.runtime = runtime
         self.reload_count += 1
         self.last_reload_error = None
         self.metrics.config_reloads.labels("success").inc()
@@ -305,17 +329,21 @@ class Sidecar:
         self.log.event("config.reload_failed", level="error", errors=issues)
         return False
 
-    def _replace_forwarder(self, config: SidecarConfig) -> None:
-        old = self.forwarder
-        self.forwarder = Forwarder(config.upstream)
-        # Requests already under way on the old pool keep it until they finish.
-        grace = config.server.shutdown_grace
-        self._tasks.append(asyncio.create_task(_close_later(old, grace)))
+    def _retire(self, forwarder: Forwarder, grace: float) -> None:
+        """Close a replaced upstream pool once requests under way on it have had `grace`."""
+        self._retired.append(forwarder)
 
+        async def close_later() -> None:
+            await asyncio.sleep(grace)
+            self._retired.remove(forwarder)
+            await forwarder.close()
 
-async def _close_later(forwarder: Forwarder, delay: float) -> None:
-    await asyncio.sleep(delay)
-    await forwarder.close()
+        self._spawn(close_later())
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
 
 def _file_sha256(path: str) -> str | None:

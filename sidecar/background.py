@@ -31,11 +31,13 @@ class BackgroundTasks:
         return len(self._tasks)
 
     async def drain(self, timeout: float) -> None:
-        """Wait up to `timeout` for what is running, then cancel the rest."""
-        pending = set(self._tasks)
-        if not pending:
-            return
-        _, still_running = await asyncio.wait(pending, timeout=timeout)
+        """Wait up to `timeout` for what is running, including tasks those tasks start
+        meanwhile (a finishing request spawns its store write), then cancel the rest."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self._tasks and (left := deadline - loop.time()) > 0:
+            await asyncio.wait(set(self._tasks), timeout=left)
+        still_running = set(self._tasks)
         for task in still_running:
             task.cancel()
         for task in still_running:

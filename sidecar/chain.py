@@ -9,6 +9,7 @@ the forwarder, so pass-through costs nothing extra.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -66,6 +67,9 @@ class ProxyRequest:
     span_events: list[SpanEvent] | None = None
     # Called with (status, body bytes sent) once the response is completely sent.
     finishers: list[Callable[[int, int], None]] | None = None
+    continue_sent: bool = False
+    # Response body bytes written to the client so far.
+    bytes_sent: int = 0
 
     def add_finisher(self, finish: Callable[[int, int], None]) -> None:
         if self.finishers is None:
@@ -73,17 +77,37 @@ class ProxyRequest:
         self.finishers.append(finish)
 
     async def read_body(self, limit: int) -> bytes:
-        """Buffer the whole request body (at most `limit` bytes; BodyTooLarge beyond)."""
+        """Buffer the whole request body (BodyTooLarge past `limit`, ClientStalled if the
+        client stops sending); it is then sent upstream from memory."""
         if self.body is None:
-            chunks = []
-            size = 0
-            async for chunk in self.raw.content.iter_any():
-                size += len(chunk)
-                if size > limit:
-                    raise BodyTooLarge(limit)
-                chunks.append(chunk)
-            self.body = b"".join(chunks)
+            self.body = b"".join([chunk async for chunk in self.body_chunks(limit)])
         return self.body
+
+    async def body_chunks(self, limit: int) -> AsyncIterator[bytes]:
+        """The client's body as it arrives, for streaming it upstream or buffering it.
+
+        Answers `Expect: 100-continue` first (only now: whatever refused the request before
+        this point did so without the client sending its body), bounds the silence between
+        chunks by the route's idle_timeout, and stops at `limit` bytes.
+        """
+        raw = self.raw
+        if not self.continue_sent and raw.headers.get("Expect", "").lower() == "100-continue":
+            self.continue_sent = True
+            await raw.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        idle = self.route.idle_timeout
+        size = 0
+        while True:
+            try:
+                async with asyncio.timeout(idle):
+                    chunk = await raw.content.readany()
+            except TimeoutError:
+                raise ClientStalled(idle) from None
+            if not chunk:
+                return
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge(limit)
+            yield chunk
 
 
 @dataclass(slots=True, eq=False)
@@ -102,7 +126,10 @@ class ProxyResponse:
     reason: str | None = None
     release: Callable[[], None] | None = None
     # A WebSocket session to relay instead of a body (the upgrade was accepted upstream).
-    websocket: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]] | None = None
+    # Called with the client request and the response headers (request and trace ids).
+    websocket: (
+        Callable[[web.BaseRequest, CIMultiDict[str]], Awaitable[web.StreamResponse]] | None
+    ) = None
     # Set when the sidecar answered because the upstream failed (502/504): what happened.
     failure: UpstreamFailure | None = None
 
@@ -128,6 +155,14 @@ class Problem:
     @property
     def type(self) -> str:
         return "urn:sidecar:problem:" + self.slug
+
+
+class ClientStalled(Exception):
+    """The client stopped sending its body for longer than the route's idle_timeout: 408."""
+
+    def __init__(self, idle: float) -> None:
+        super().__init__(f"no request body data for {idle:g}s")
+        self.idle = idle
 
 
 class BodyTooLarge(Exception):

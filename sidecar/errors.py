@@ -17,12 +17,16 @@ PROBLEM_CONTENT_TYPE = "application/problem+json"
 BAD_REQUEST = Problem("bad-request", 400, "The request could not be understood")
 ROUTE_NOT_FOUND = Problem("route-not-found", 404, "No route matches this request")
 BODY_TOO_LARGE = Problem("body-too-large", 413, "Request body too large")
+CLIENT_STALLED = Problem("request-body-timeout", 408, "The client stopped sending the request body")
 INTERNAL_ERROR = Problem("internal-error", 500, "The sidecar failed to handle the request")
 UPSTREAM_CONNECT_FAILED = Problem(
     "upstream-connect-failed", 502, "The upstream application could not be reached"
 )
 UPSTREAM_RESET = Problem(
     "upstream-reset", 502, "The upstream application closed the connection without a response"
+)
+UPSTREAM_BODY_BROKEN = Problem(
+    "upstream-body-broken", 502, "The upstream application's response broke off midway"
 )
 UPSTREAM_BAD_RESPONSE = Problem(
     "upstream-bad-response", 502, "The upstream application sent an invalid response"
@@ -58,9 +62,11 @@ CATALOGUE: tuple[Problem, ...] = (
     BAD_REQUEST,
     ROUTE_NOT_FOUND,
     BODY_TOO_LARGE,
+    CLIENT_STALLED,
     INTERNAL_ERROR,
     UPSTREAM_CONNECT_FAILED,
     UPSTREAM_RESET,
+    UPSTREAM_BODY_BROKEN,
     UPSTREAM_BAD_RESPONSE,
     UPSTREAM_TIMEOUT,
     IDEMPOTENCY_KEY_MISSING,
@@ -114,6 +120,24 @@ def problem_response(
     if extra_headers:
         headers.update(extra_headers)
     return ProxyResponse(status=status, headers=headers, body=orjson.dumps(body))
+
+
+def failure_response(request: ProxyRequest, failure: UpstreamFailure) -> ProxyResponse:
+    """The problem answer to an upstream failure, tagged with it for metrics and policies."""
+    response = problem_for(failure.problem, request, failure.detail)
+    response.failure = failure
+    return response
+
+
+def client_stalled(request: ProxyRequest, idle: float) -> ProxyResponse:
+    response = problem_for(
+        CLIENT_STALLED,
+        request,
+        detail=f"no request body data arrived for {idle:g}s (the route's idle_timeout)",
+    )
+    # The rest of the body may still come: this connection cannot carry another request.
+    response.headers["Connection"] = "close"
+    return response
 
 
 def body_too_large(request: ProxyRequest, limit: int) -> ProxyResponse:

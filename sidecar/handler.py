@@ -7,6 +7,7 @@ back (streamed or from memory), then record metrics and the access log line.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import time
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from aiohttp import hdrs, web
 from multidict import CIMultiDict
 
 from sidecar import errors
-from sidecar.chain import BodyTooLarge, Next, ProxyRequest, ProxyResponse
+from sidecar.chain import BodyTooLarge, ClientStalled, Next, ProxyRequest, ProxyResponse
 from sidecar.config import SidecarConfig
 from sidecar.logs import AccessLog, LogSink
 from sidecar.metrics import Metrics, RouteMetrics
@@ -28,6 +29,11 @@ from sidecar.upstream import strip_hop_by_hop
 # RFC 9110 §9.3.7: OPTIONS * asks about the server itself, which here is the sidecar.
 _SERVER_METHODS = "GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS"
 _MAX_REQUEST_ID = 128
+_REQUEST_ID_KEY = web.RequestKey("sidecar.request_id", str)
+# nginx's convention for a request the client abandoned before the response was sent.
+CLIENT_CLOSED = 499
+# Dropped from untrusted peers (X-Forwarded-Proto/-Host are replaced instead).
+_UNTRUSTED_FORWARDING = ("Forwarded", "X-Real-IP")
 # Version 4 and the RFC 4122 variant, set on 128 random bits.
 _UUID4_MASK = ~((0xF << 76) | (0x3 << 62)) & ((1 << 128) - 1)
 _UUID4_BITS = (0x4 << 76) | (0x2 << 62)
@@ -132,14 +138,17 @@ class ProxyHandler:
         )
         metrics = route.metrics
         metrics.in_flight.inc()
+        # If our own code fails, aiohttp calls `refuse`, which answers with this same id.
+        raw[_REQUEST_ID_KEY] = request_id
         status = 500
-        bytes_out = 0
         try:
             response = await self._run_chain(request, route.chain, metrics)
             status = response.status
             response.headers[runtime.request_id_header] = request_id
-            stream, bytes_out = await self._send(raw, response, metrics)
-            return stream
+            return await self._send(raw, response, request, metrics)
+        except asyncio.CancelledError:
+            status = CLIENT_CLOSED  # the client went away: not a server error
+            raise
         finally:
             metrics.in_flight.dec()
             metrics.count_request(raw.method, status)
@@ -147,8 +156,8 @@ class ProxyHandler:
             metrics.duration.observe(duration)
             if request.finishers is not None:
                 for finish in request.finishers:
-                    finish(status, bytes_out)
-            self._access(runtime, request, status, duration, bytes_out)
+                    finish(status, request.bytes_sent)
+            self._access(runtime, request, status, duration)
 
     async def _run_chain(
         self, request: ProxyRequest, chain: Next, metrics: RouteMetrics
@@ -158,6 +167,8 @@ class ProxyHandler:
         except BodyTooLarge as exc:
             # A policy that buffers the body (read_body) found it over the limit.
             return errors.body_too_large(request, exc.limit)
+        except ClientStalled as exc:
+            return errors.client_stalled(request, exc.idle)
         failure = response.failure
         if failure is not None:
             metrics.count_upstream_error(failure.kind)
@@ -188,6 +199,11 @@ class ProxyHandler:
         forwarded_for = ", ".join(raw.headers.getall("X-Forwarded-For", ()))
         headers["X-Forwarded-For"] = f"{forwarded_for}, {peer}" if forwarded_for else peer
         trusted = _is_trusted(peer, runtime.config)
+        if not trusted:
+            # Claims about the client that only a trusted proxy may make.
+            for name in _UNTRUSTED_FORWARDING:
+                if name in headers:
+                    del headers[name]
         if not (trusted and "X-Forwarded-Proto" in raw.headers):
             headers["X-Forwarded-Proto"] = "https" if raw.secure else "http"
         if not (trusted and "X-Forwarded-Host" in raw.headers):
@@ -199,44 +215,51 @@ class ProxyHandler:
         return headers
 
     async def _send(
-        self, raw: web.BaseRequest, response: ProxyResponse, metrics: RouteMetrics
-    ) -> tuple[web.StreamResponse, int]:
-        """Write the response to the client; returns it and the body bytes written."""
+        self,
+        raw: web.BaseRequest,
+        response: ProxyResponse,
+        request: ProxyRequest,
+        metrics: RouteMetrics,
+    ) -> web.StreamResponse:
+        """Write the response to the client (counting body bytes in request.bytes_sent)."""
         if response.websocket is not None:
-            return await response.websocket(raw), 0
+            return await response.websocket(raw, response.headers)
         stream = _RelayedResponse(
             status=response.status, reason=response.reason, headers=response.headers
         )
-        if self.holder.draining:
-            # Tell keep-alive clients to reconnect, which takes them to another replica.
+        if self.holder.draining or response.headers.get(hdrs.CONNECTION) == "close":
+            # Draining: tell keep-alive clients to reconnect, which takes them to another
+            # replica. (Our own answers may also need the connection closed.)
             stream.force_close()
         body = response.body
         if body is None:
             await stream.prepare(raw)
-            return stream, 0
+            return stream
         if isinstance(body, bytes):
             # Headers wait for the body, so both leave in one write.
             stream.send_headers_with_body()
             stream.content_length = len(body)
             await stream.prepare(raw)
             await stream.write_eof(body)
-            return stream, len(body)
-        return stream, await self._stream_body(raw, stream, response, metrics)
+            request.bytes_sent = len(body)
+            return stream
+        await self._stream_body(raw, stream, response, request, metrics)
+        return stream
 
     async def _stream_body(
         self,
         raw: web.BaseRequest,
         stream: web.StreamResponse,
         response: ProxyResponse,
+        request: ProxyRequest,
         metrics: RouteMetrics,
-    ) -> int:
+    ) -> None:
         assert response.body is not None and not isinstance(response.body, bytes)
-        written = 0
         await stream.prepare(raw)
         try:
             async for chunk in response.body:
                 await stream.write(chunk)
-                written += len(chunk)
+                request.bytes_sent += len(chunk)
         except Exception as exc:
             if not isinstance(exc, ConnectionError):
                 metrics.count_upstream_error("stream")
@@ -248,12 +271,13 @@ class ProxyHandler:
         finally:
             if response.release is not None:
                 response.release()
-        return written
 
     def refuse(self, raw: web.BaseRequest, status: int, exc: BaseException | None) -> web.Response:
         """The answer to a request that never reached a route: unparseable, or our bug."""
         runtime = self.holder.runtime
-        request_id, trace_id = new_request_id(), new_trace_id()
+        known_id = raw.get(_REQUEST_ID_KEY)
+        request_id = known_id if known_id is not None else new_request_id()
+        trace_id = new_trace_id()
         problem = errors.BAD_REQUEST if status < 500 else errors.INTERNAL_ERROR
         detail = (
             "the request is not valid HTTP/1.1"
@@ -265,7 +289,8 @@ class ProxyHandler:
         )
         response.headers[runtime.request_id_header] = request_id
         response.headers[runtime.config.tracing.trace_id_header] = trace_id
-        self.metrics.route(UNROUTED).count_request("OTHER", status)
+        if known_id is None:  # the handler never ran, so never counted this request
+            self.metrics.route(UNROUTED).count_request("OTHER", status)
         self.log.event(
             "request.refused" if status < 500 else "request.failed",
             level="warning" if status < 500 else "error",
@@ -280,12 +305,7 @@ class ProxyHandler:
         return answer
 
     def _access(
-        self,
-        runtime: Runtime,
-        request: ProxyRequest,
-        status: int,
-        duration: float,
-        bytes_out: int,
+        self, runtime: Runtime, request: ProxyRequest, status: int, duration: float
     ) -> None:
         log = runtime.access_log
         if log is None or not log.wanted(status):
@@ -298,7 +318,7 @@ class ProxyHandler:
             duration=duration,
             upstream_duration=request.upstream_seconds,
             bytes_in=request.raw.content.total_bytes,
-            bytes_out=bytes_out,
+            bytes_out=request.bytes_sent,
             client=request.client_ip,
             request_id=request.request_id,
             headers=request.raw.headers,

@@ -36,10 +36,15 @@ def sanitise(value: str, limit: int = MAX_LOGGED_VALUE) -> str:
     # aiohttp decodes headers with surrogateescape; orjson would reject lone surrogates.
     out = []
     for ch in value:
-        if ch.isprintable() and not 0xD800 <= ord(ch) <= 0xDFFF:
+        code = ord(ch)
+        if ch.isprintable() and not 0xD800 <= code <= 0xDFFF:
             out.append(ch)
+        elif code < 0x100:
+            out.append(f"\\x{code:02x}")
+        elif 0xDC80 <= code <= 0xDCFF:  # a byte that was not UTF-8 (surrogateescape)
+            out.append(f"\\x{code - 0xDC00:02x}")
         else:
-            out.append(f"\\x{ord(ch) & 0xFF:02x}" if ord(ch) < 0x100 or ord(ch) >= 0xDC80 else "?")
+            out.append(f"\\u{code:04x}")
     return "".join(out)
 
 

@@ -56,7 +56,7 @@ class Metrics:
         )
         self.request_duration = Histogram(
             "sidecar_request_duration_seconds",
-            "Time from request received to response headers sent, by route.",
+            "Time from request received to response completely sent, by route.",
             ["route"],
             buckets=REQUEST_BUCKETS,
             registry=r,
@@ -127,6 +127,7 @@ class Metrics:
         )
         self.build_info.labels(__version__, platform.python_version(), aiohttp.__version__).set(1)
         self._routes: dict[str, RouteMetrics] = {}
+        self._store_children: dict[str, MetricWrapperBase] = {}
 
     def route(self, name: str) -> RouteMetrics:
         """The cached label children of one route (made once, at config load)."""
@@ -136,7 +137,11 @@ class Metrics:
         return metrics
 
     def observe_store(self, operation: str, seconds: float, error_kind: str | None) -> None:
-        self.store_duration.labels(operation).observe(seconds)
+        # Operations are script names (a fixed set): cache their children like routes'.
+        child = self._store_children.get(operation)
+        if child is None:
+            child = self._store_children[operation] = self.store_duration.labels(operation)
+        child.observe(seconds)  # type: ignore[attr-defined]
         if error_kind is not None:
             self.store_errors.labels(operation, error_kind).inc()
 

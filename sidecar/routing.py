@@ -66,7 +66,8 @@ def host_without_port(host: str) -> str:
     host = host.lower()
     if host.startswith("["):
         return host.partition("]")[0] + "]"
-    return host.partition(":")[0]
+    # "api.example.com." names the same host as "api.example.com" (a fully qualified name).
+    return host.partition(":")[0].rstrip(".")
 
 
 def path_for_matching(path: str) -> str:

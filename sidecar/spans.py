@@ -21,7 +21,7 @@ import aiohttp
 
 from sidecar import __version__
 from sidecar.chain import SpanAttribute, SpanEvent
-from sidecar.config import SpanExportConfig
+from sidecar.config import SpanExportConfig, mask_url
 from sidecar.logs import LogSink
 from sidecar.metrics import Metrics
 
@@ -136,7 +136,7 @@ class SpanExporter:
                 self._log.event(
                     "tracing.export_failed",
                     level="warning",
-                    endpoint=self._config.endpoint,  # credentials are refused at load
+                    endpoint=mask_url(self._config.endpoint),
                     error=type(error).__name__,
                     status=getattr(error, "status", None),
                 )

@@ -24,7 +24,14 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from sidecar import errors
-from sidecar.chain import BodyTooLarge, Next, ProxyRequest, ProxyResponse, UpstreamFailure
+from sidecar.chain import (
+    BodyTooLarge,
+    ClientStalled,
+    Next,
+    ProxyRequest,
+    ProxyResponse,
+    UpstreamFailure,
+)
 from sidecar.config import RouteConfig, UpstreamConfig
 from sidecar.websocket import connect_websocket, is_websocket_upgrade
 
@@ -46,7 +53,6 @@ HOP_BY_HOP = frozenset(
 _SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 # Statuses whose responses never carry a body (RFC 9110 §6.4.1).
 _NO_BODY_STATUSES = frozenset({204, 304})
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 def strip_hop_by_hop(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDict[str]:
@@ -72,38 +78,37 @@ def _connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> fro
 
 @dataclass(slots=True)
 class _BodyStream:
-    """The client's body streamed upstream, counted against the route's limit.
+    """The client's body streamed upstream (see ProxyRequest.body_chunks).
 
     The route's response deadline starts when the body has been sent (`on_sent`), as in
-    Envoy: a large or slow upload is not a slow app. A client that stalls mid-upload for
-    longer than the route's idle_timeout is cut off instead.
+    Envoy: a large or slow upload is not a slow app. aiohttp sends the body from a task of
+    its own, so why the body stopped is noted here for `forward` to report.
     """
 
     request: ProxyRequest
     limit: int
-    send_continue: bool
-    idle_timeout: float
     on_sent: Callable[[], None]
     exceeded: bool = False
+    stalled: bool = False
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        if self.send_continue:
-            # Sent only now, when the app is actually about to receive the body: anything that
-            # refused the request earlier (413, 429...) answered without reading it.
-            await self.request.raw.writer.write(_CONTINUE)
-        content = self.request.raw.content
-        size = 0
-        while True:
-            async with asyncio.timeout(self.idle_timeout):
-                chunk = await content.readany()
-            if not chunk:
-                break
-            size += len(chunk)
-            if size > self.limit:
-                self.exceeded = True
-                raise BodyTooLarge(self.limit)
-            yield chunk
+        try:
+            async for chunk in self.request.body_chunks(self.limit):
+                yield chunk
+        except BodyTooLarge:
+            self.exceeded = True
+            raise
+        except ClientStalled:
+            self.stalled = True
+            raise
         self.on_sent()
+
+    def raise_client_fault(self) -> None:
+        """Re-raise what the client did wrong, if the body stopped because of the client."""
+        if self.exceeded:
+            raise BodyTooLarge(self.limit)
+        if self.stalled:
+            raise ClientStalled(self.request.route.idle_timeout)
 
 
 class _FaithfulClientRequest(aiohttp.ClientRequest):
@@ -161,10 +166,10 @@ class Forwarder:
                 return await forward(request, timeout)
             except BodyTooLarge as exc:
                 return errors.body_too_large(request, exc.limit)
+            except ClientStalled as exc:
+                return errors.client_stalled(request, exc.idle)
             except UpstreamFailure as failure:
-                response = errors.problem_for(failure.problem, request, failure.detail)
-                response.failure = failure
-                return response
+                return errors.failure_response(request, failure)
 
         return terminal
 
@@ -202,12 +207,12 @@ class Forwarder:
                 )
         except aiohttp.ClientError as exc:
             # Before TimeoutError: aiohttp's socket timeouts are TimeoutErrors too.
-            if stream is not None and stream.exceeded:
-                raise BodyTooLarge(stream.limit) from None
+            if stream is not None:
+                stream.raise_client_fault()
             raise errors.classify_client_error(exc) from None
         except TimeoutError:
-            if stream is not None and stream.exceeded:
-                raise BodyTooLarge(stream.limit) from None
+            if stream is not None:
+                stream.raise_client_fault()
             raise UpstreamFailure(
                 "timeout",
                 errors.UPSTREAM_TIMEOUT,
@@ -227,13 +232,7 @@ class Forwarder:
         raw = request.raw
         if not raw.body_exists:
             return None, None
-        stream = _BodyStream(
-            request,
-            request.route.max_body,
-            send_continue=raw.headers.get(hdrs.EXPECT, "").lower() == "100-continue",
-            idle_timeout=request.route.idle_timeout,
-            on_sent=on_sent,
-        )
+        stream = _BodyStream(request, request.route.max_body, on_sent)
         return stream, stream
 
     def _response(self, request: ProxyRequest, upstream: aiohttp.ClientResponse) -> ProxyResponse:

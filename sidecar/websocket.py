@@ -16,7 +16,7 @@ from aiohttp import WSMsgType, web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar import errors
-from sidecar.chain import ProxyRequest, ProxyResponse
+from sidecar.chain import ProxyRequest, ProxyResponse, UpstreamFailure
 
 if TYPE_CHECKING:
     from sidecar.upstream import Forwarder
@@ -75,16 +75,14 @@ async def connect_websocket(forwarder: Forwarder, request: ProxyRequest) -> Prox
         )
     except aiohttp.ClientError as exc:
         # Before TimeoutError: aiohttp's socket timeouts are TimeoutErrors too.
-        failure = errors.classify_client_error(exc)
-        response = errors.problem_for(failure.problem, request, failure.detail)
-        response.failure = failure
-        return response
+        return errors.failure_response(request, errors.classify_client_error(exc))
     except TimeoutError:
-        return errors.problem_for(
-            errors.UPSTREAM_TIMEOUT, request, detail="WebSocket handshake timed out"
+        failure = UpstreamFailure(
+            "timeout", errors.UPSTREAM_TIMEOUT, "the WebSocket handshake timed out"
         )
+        return errors.failure_response(request, failure)
 
-    async def relay(raw: web.BaseRequest) -> web.StreamResponse:
+    async def relay(raw: web.BaseRequest, headers: CIMultiDict[str]) -> web.StreamResponse:
         client = web.WebSocketResponse(
             protocols=(upstream.protocol,) if upstream.protocol else (),
             autoping=False,
@@ -92,7 +90,12 @@ async def connect_websocket(forwarder: Forwarder, request: ProxyRequest) -> Prox
             max_msg_size=max_msg,
             compress=False,
         )
-        await client.prepare(raw)
+        client.headers.extend(headers)  # request and trace ids on the 101 too
+        try:
+            await client.prepare(raw)
+        except BaseException:
+            await upstream.close()
+            raise
         await _pump_both_ways(client, upstream)
         return client
 

@@ -9,6 +9,7 @@ spreads connections across them. Metrics go through prometheus_client's multipro
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import shutil
 import signal
@@ -17,6 +18,18 @@ import sys
 import tempfile
 import time
 from types import FrameType
+
+_FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: unblock signals, and get SIGTERM if the supervisor dies
+    (a SIGKILLed supervisor must not leave workers holding the port)."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED)
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
 
 # A worker that keeps dying is a bug or a bad environment, not something to retry forever.
 _MAX_RESTARTS = 5
@@ -39,8 +52,14 @@ class Supervisor:
         env = dict(os.environ)
         env["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir
         env["SIDECAR_WORKER"] = str(number)
-        process = subprocess.Popen(command, env=env)
-        self.children[process.pid] = number
+        # A SIGTERM arriving between the fork and the bookkeeping below would miss this
+        # child: hold signals until it is registered.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARDED)
+        try:
+            process = subprocess.Popen(command, env=env, preexec_fn=_die_with_parent)
+            self.children[process.pid] = number
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
     def forward(self, signum: int, frame: FrameType | None = None) -> None:
         if signum in (signal.SIGTERM, signal.SIGINT):
@@ -51,7 +70,7 @@ class Supervisor:
                 os.kill(pid, signum)
 
     def run(self) -> int:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for sig in _FORWARDED:
             signal.signal(sig, self.forward)
         for number in range(self.workers):
             self.spawn(number)

@@ -6,7 +6,7 @@
 See docs/configuration.md for the file format.
 """
 
-from sidecar.config.describe import describe_config
+from sidecar.config.describe import describe_config, mask_url
 from sidecar.config.issues import ConfigError, ConfigIssue
 from sidecar.config.loader import embedded_config, load_config, parse_config
 from sidecar.config.model import (
@@ -51,6 +51,7 @@ __all__ = [
     "format_duration",
     "format_size",
     "load_config",
+    "mask_url",
     "parse_config",
     "parse_duration",
     "parse_size",

@@ -88,6 +88,13 @@ _path = text(parse_path, "a path starting with '/'")
 _WILDCARD_HOSTS = frozenset({"0.0.0.0", "::"})
 
 
+def _secret(node: RawNode, path: str, log: IssueLog) -> str:
+    # Never quote the value back: config errors are logged and shown on /health.
+    if isinstance(node, RawScalar) and isinstance(node.value, str) and node.value:
+        return node.value
+    raise Invalid("expected a non-empty string (the value is not shown: it is a secret)")
+
+
 def _non_empty(text: str) -> str:
     if not text:
         raise ValueError("expected a non-empty string")
@@ -180,7 +187,7 @@ LOGGING: Schema = {
     "level": choice(("debug", "info", "warning", "error")),
     "access": section(_access_log, ACCESS_LOG),
     "ids": choice(("hashed", "clear")),
-    "id_hash_key": optional(text(_non_empty, "a secret string")),
+    "id_hash_key": optional(_secret),
 }
 
 
@@ -504,7 +511,31 @@ def _config(root: RawNode, log: IssueLog, check_state: StateCheck | None = None)
     server = sections.get("server", ServerConfig())
     if check_state is not None and "state" in sections:
         _check_state(root, sections["state"], check_state, log)
-    return SidecarConfig(**sections, routes=_routes(root, server, log))
+    routes = _routes(root, server, log)
+    _check_shared_state(root, server, sections.get("state", StateConfig()), routes, log)
+    return SidecarConfig(**sections, routes=routes)
+
+
+def _check_shared_state(
+    root: RawMap,
+    server: ServerConfig,
+    state: StateConfig,
+    routes: tuple[RouteConfig, ...],
+    log: IssueLog,
+) -> None:
+    """Several workers cannot share memory:// state, and idempotency needs it shared."""
+    if server.workers < 2 or not state.url.startswith("memory:"):
+        return
+    if not any(route.idempotency is not None for route in routes):
+        return
+    entry = root.entries["server"]
+    line = entry_line(entry.value, "workers") if isinstance(entry.value, RawMap) else 0
+    log.add(
+        line,
+        "server.workers",
+        "memory:// state is per process: with several workers one idempotency key could run"
+        " once per worker; use a redis:// state or one worker",
+    )
 
 
 def _load(

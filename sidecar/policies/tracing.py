@@ -108,6 +108,10 @@ class TracingPolicy:
         b3 = parse_b3(request.raw.headers)
         if isinstance(b3, Parent):
             return b3, False, None
+        if b3 is None:
+            # Invalid (or absent) B3 must not reach the app beside the new traceparent.
+            for name in (B3_SINGLE, *B3_HEADERS):
+                headers.popall(name, None)
         return None, False, b3
 
     def _sampled(self, parent: Parent | None, decision: bool | None) -> bool:

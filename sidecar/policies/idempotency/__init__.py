@@ -30,7 +30,15 @@ from multidict import CIMultiDict
 from prometheus_client import Counter
 
 from sidecar import errors
-from sidecar.chain import BodyTooLarge, Next, Policy, ProxyRequest, ProxyResponse
+from sidecar.chain import (
+    BodyTooLarge,
+    ClientStalled,
+    Next,
+    Policy,
+    ProxyRequest,
+    ProxyResponse,
+    UpstreamFailure,
+)
 from sidecar.config import IdempotencyConfig, RouteConfig
 from sidecar.policies.base import PolicyDeps
 from sidecar.policies.idempotency.records import (
@@ -75,6 +83,8 @@ class IdempotencyPolicy:
         self._route = route.name
         self._methods = config.methods
         self._header = config.header
+        # The route's own max_body still applies: buffering must not raise the limit.
+        self._body_limit = min(config.max_request_body, route.max_body)
         self._lease_ms = int(config.lease * 1000)
         self._ttl_ms = int(config.ttl * 1000)
         self._org_header = deps.config.identity.org_header
@@ -107,9 +117,11 @@ class IdempotencyPolicy:
                 ' as a token or a quoted string ("...")',
             )
         try:
-            body = await request.read_body(self._config.max_request_body)
+            body = await request.read_body(self._body_limit)
         except BodyTooLarge as exc:
             return errors.body_too_large(request, exc.limit)
+        except ClientStalled as exc:
+            return errors.client_stalled(request, exc.idle)
         raw_headers = request.raw.headers
         claim = _Claim(
             record=record_key(
@@ -169,6 +181,24 @@ class IdempotencyPolicy:
             # Waiting for the first request to finish: poll, backing off (bounded by wait).
             await asyncio.sleep(min(poll, remaining))
             poll = min(poll * 2, _WAIT_LONGEST_POLL)
+
+    async def _begin(self, claim: _Claim) -> Found:
+        call = ScriptCall(BEGIN, (claim.record,), (claim.token, claim.fingerprint, self._lease_ms))
+        begin = asyncio.ensure_future(self._store.execute([call]))
+        try:
+            replies = await asyncio.shield(begin)
+        except asyncio.CancelledError:
+            # The client left while the claim was on its way: if it landed, give it back
+            # rather than leave an ownerless claim blocking retries for a whole lease.
+            self._background.spawn(self._release_if_claimed(begin, claim))
+            raise
+        return decode_begin(replies[0])
+
+    async def _release_if_claimed(self, begin: asyncio.Future[list[object]], claim: _Claim) -> None:
+        with contextlib.suppress(StoreError):
+            replies = await begin
+            if decode_begin(replies[0]).state == "claimed":
+                await self._store.execute([ScriptCall(RELEASE, (claim.record,), (claim.token,))])
 
     async def _store_failed(
         self, request: ProxyRequest, call_next: Next, error: StoreError
@@ -280,9 +310,12 @@ class IdempotencyPolicy:
             body = await self._capture(response)
         except (aiohttp.ClientError, TimeoutError):
             # The app's body broke off: what it did is unknown; leave the claim to expire.
-            return errors.problem_for(
-                errors.UPSTREAM_RESET, request, "the upstream's response body broke off"
+            if response.release is not None:
+                response.release()
+            failure = UpstreamFailure(
+                "stream", errors.UPSTREAM_BODY_BROKEN, "the upstream's response body broke off"
             )
+            return errors.failure_response(request, failure)
         expires_ms = int((time.time() + self._config.ttl) * 1000)
         response.headers[EXPIRES] = _http_date(expires_ms)
         kept = [
@@ -346,7 +379,8 @@ class IdempotencyPolicy:
             try:
                 replies = await self._store.execute([call])
             except StoreError as error:
-                if attempt + 1 < _FINISH_ATTEMPTS:
+                # A timeout may have landed; the script makes a repeated write harmless.
+                if error.kind != "script" and attempt + 1 < _FINISH_ATTEMPTS:
                     await asyncio.sleep(0.05 * (attempt + 1))
                     continue
                 self._outcomes["store_error"].inc()

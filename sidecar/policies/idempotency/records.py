@@ -191,11 +191,12 @@ def _finish(ks: MemoryKeyspace, keys: Sequence[str], args: Sequence[ScriptArg]) 
     result = 1
     if state is None:
         result = 2
-    elif not _owns(ks, key, _arg(args[0])):
+    elif ks.hget(key, "t") != _arg(args[0]):
         return 0
-    fields = {"s": 1, "c": 2, "h": 3, "b": 4, "e": 5, "f": 7}
+    elif state != b"p":
+        return 1
+    fields = {"s": 1, "c": 2, "h": 3, "b": 4, "e": 5, "f": 7, "t": 0}
     ks.hset(key, {name: _arg(args[index]) for name, index in fields.items()})
-    ks.hdel(key, "t")
     ks.pexpire(key, int(args[6]))
     return result
 

@@ -150,16 +150,9 @@ class IdempotencyPolicy:
         poll = _WAIT_FIRST_POLL
         while True:
             try:
-                replies = await self._store.execute(
-                    [
-                        ScriptCall(
-                            BEGIN, (claim.record,), (claim.token, claim.fingerprint, self._lease_ms)
-                        )
-                    ]
-                )
+                found = await self._begin(claim)
             except StoreError as error:
                 return await self._store_failed(request, call_next, error)
-            found = decode_begin(replies[0])
             if found.state == "claimed":
                 return await self._execute(request, call_next, claim)
             if not found.same_request:
@@ -330,11 +323,13 @@ class IdempotencyPolicy:
         """The whole body if it fits in max_response_body (then relayed from memory);
         None if it is too large or a never-ending stream (then relayed as it streams)."""
         body = response.body
-        if body is None or isinstance(body, bytes):
-            return body or b""
+        if body is None:
+            return b""
         if response.headers.get(hdrs.CONTENT_TYPE, "").startswith("text/event-stream"):
             return None
         limit = self._config.max_response_body
+        if isinstance(body, bytes):  # it arrived whole with its headers
+            return body if len(body) <= limit else None
         iterator = body.__aiter__()
         chunks: list[bytes] = []
         size = 0

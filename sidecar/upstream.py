@@ -51,6 +51,8 @@ HOP_BY_HOP = frozenset(
 )
 # aiohttp's client would otherwise invent these for every request.
 _SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+# Bodies up to this size that arrived with their headers are relayed in one write.
+_WHOLE = 64 * 1024
 # Statuses whose responses never carry a body (RFC 9110 §6.4.1).
 _NO_BODY_STATUSES = frozenset({204, 304})
 
@@ -242,9 +244,10 @@ class Forwarder:
             upstream.release()
             return ProxyResponse(status, headers, None, upstream.reason)
         content = upstream.content
-        if content.is_eof() and hdrs.CONTENT_LENGTH in headers:
+        if content.is_eof() and hdrs.CONTENT_LENGTH in headers and content.total_bytes <= _WHOLE:
             # The whole (small) body came with the headers: relay it as one buffer, so the
-            # client gets headers and body in one write instead of two.
+            # client gets headers and body in one write instead of two. Bounded, so large
+            # bodies still stream instead of being held in memory per request.
             body = content.read_nowait(-1)
             upstream.release()
             return ProxyResponse(status, headers, body, upstream.reason)

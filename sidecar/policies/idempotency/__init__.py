@@ -355,7 +355,9 @@ class IdempotencyPolicy:
         body: bytes | None,
         expires_ms: int,
     ) -> None:
-        state, outcome = ("c", None) if body is not None else ("n", "not_replayable")
+        # Each request counts once, under the outcome it met; these writes are counted by
+        # the store's own metrics (sidecar_store_errors_total{operation=...}).
+        state = "c" if body is not None else "n"
         call = ScriptCall(
             FINISH,
             (claim.record,),
@@ -378,7 +380,6 @@ class IdempotencyPolicy:
                 if error.kind != "script" and attempt + 1 < _FINISH_ATTEMPTS:
                     await asyncio.sleep(0.05 * (attempt + 1))
                     continue
-                self._outcomes["store_error"].inc()
                 self._log.request_event(
                     request,
                     "idempotency.finish_failed",
@@ -391,8 +392,6 @@ class IdempotencyPolicy:
                 self._log.request_event(
                     request, "idempotency.claim_lost", level="warning", route=self._route
                 )
-            elif outcome is not None:
-                self._outcomes[outcome].inc()
             return
 
     def _release(self, claim: _Claim) -> None:

@@ -139,6 +139,27 @@ TARGETS: tuple[Target, ...] = (
         requires="idempotency",
         pinnings=PINNED_ONLY,
     ),
+    # The same on Redis: the store commands per request show the round trips.
+    Target(
+        "idem-fresh-redis",
+        "sidecar",
+        "sidecar + idempotency, POST with fresh keys (Redis)",
+        script="post_fresh_key",
+        policies=("idempotency",),
+        requires="idempotency",
+        pinnings=PINNED_ONLY,
+        state="redis",
+    ),
+    Target(
+        "idem-replay-redis",
+        "sidecar",
+        "sidecar + idempotency, POST replays (Redis)",
+        script="post_replay",
+        policies=("idempotency",),
+        requires="idempotency",
+        pinnings=PINNED_ONLY,
+        state="redis",
+    ),
     # Every policy on, fresh idempotency keys: the full latency path of a first execution.
     Target(
         "all-redis",

@@ -225,6 +225,13 @@ class Settings:
     retry_budget: int
 
 
+def _from_caller(path: Path | None) -> Path | None:
+    """A relative path from the command line, taken from where bench/run was started."""
+    if path is None or path.is_absolute():
+        return path
+    return Path(os.environ.get("BENCH_CALLER_DIR", ".")) / path
+
+
 def settings_from(args: argparse.Namespace) -> Settings:
     smoke = args.smoke
 
@@ -242,7 +249,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         pinnings=pinnings,
         stream_size=pick(args.stream_size, 2**30, 32 * 2**20),
         stream=not args.no_stream,
-        out=pick(args.out, BENCH_DIR / "results", WORK_DIR / "smoke-results"),
+        out=pick(_from_caller(args.out), BENCH_DIR / "results", WORK_DIR / "smoke-results"),
         explicit_targets=bool(args.targets),
         noisy_pct=args.noisy_pct,
         retries=pick(args.retries, 2, 0),

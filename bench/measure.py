@@ -183,6 +183,7 @@ class RunRecord:
     proxy_cpu_us_per_req: float | None
     backend_cpu_us_per_req: float | None
     store_cmds_per_req: float | None
+    store_scripts_per_req: float | None
     # CPU used on the machine by processes that are not part of the benchmark, in % of one
     # core over the run: other people's test suites on a shared machine show up here.
     other_cpu_pct: float | None
@@ -221,11 +222,11 @@ def measured_run(
     proxy0, backend0 = CpuSnapshot.take(proxy_pids), CpuSnapshot.take(backend_pids)
     ours0, busy0, own0 = CpuSnapshot.take(our_pids), machine_busy_seconds(), own_seconds()
     wall0 = time.monotonic()
-    store0 = redis_total_calls(probe.redis_port) if probe.uses_store and probe.redis_port else 0
+    counts_store = bool(probe.uses_store and probe.redis_port)
+    store0, scripts0 = redis_total_calls(probe.redis_port) if counts_store else (0, 0)
     result = run_wrk(url, script, connections, threads, seconds, cpus)
-    store = (
-        redis_total_calls(probe.redis_port) - store0 if probe.uses_store and probe.redis_port else 0
-    )
+    store1, scripts1 = redis_total_calls(probe.redis_port) if counts_store else (0, 0)
+    store, scripts = store1 - store0, scripts1 - scripts0
     proxy_s = proxy0.seconds_until(CpuSnapshot.take(proxy_pids)) if proxy_pids else None
     backend_s = backend0.seconds_until(CpuSnapshot.take(backend_pids))
     ours_s = ours0.seconds_until(CpuSnapshot.take(our_pids))
@@ -237,6 +238,7 @@ def measured_run(
         "proxy_cpu_us_per_req": None if proxy_s is None else round(proxy_s * 1e6 / n, 2),
         "backend_cpu_us_per_req": None if backend_s is None else round(backend_s * 1e6 / n, 2),
         "store_cmds_per_req": round(store / n, 3),
+        "store_scripts_per_req": round(scripts / n, 3),
         "other_cpu_pct": None if other is None else round(100 * other, 1),
     }
     return result, figures

@@ -491,9 +491,17 @@ def redis_ping(port: int) -> bool:
         return False
 
 
-def redis_total_calls(port: int) -> int:
-    """Commands Redis has executed, from INFO commandstats, not counting our own INFOs."""
-    total = 0
+# Top-level script invocations: one per store operation the sidecar sends.
+SCRIPT_COMMANDS = frozenset({"cmdstat_evalsha", "cmdstat_eval", "cmdstat_evalsha_ro"})
+
+
+def redis_total_calls(port: int) -> tuple[int, int]:
+    """(commands, scripts) Redis has executed, from INFO commandstats, without our own INFOs.
+
+    Commands include those a Lua script runs inside Redis (HGET, PEXPIRE...): the work.
+    Scripts count EVALSHA/EVAL calls: the store operations the sidecar sent.
+    """
+    total = scripts = 0
     for line in redis_command(port, "INFO", "commandstats").decode().splitlines():
         name, _, stats = line.partition(":")
         if not name.startswith("cmdstat_") or name == "cmdstat_info":
@@ -502,7 +510,9 @@ def redis_total_calls(port: int) -> int:
             key, _, value = item.partition("=")
             if key == "calls":
                 total += int(value)
-    return total
+                if name in SCRIPT_COMMANDS:
+                    scripts += int(value)
+    return total, scripts
 
 
 @contextlib.contextmanager

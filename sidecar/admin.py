@@ -122,25 +122,31 @@ class Admin:
             return _json(503, {"status": "not ready", "reasons": reasons})
         return _json(200, {"status": "ready"})
 
-    async def _not_ready_reasons(self) -> list[str]:
+    async def _not_ready_reasons(
+        self, probes: tuple[ProbeResult, ProbeResult] | None = None
+    ) -> list[str]:
         sidecar = self.sidecar
         reasons = []
         if sidecar.holder.draining:
             reasons.append("draining")
         if not sidecar.listening:
             reasons.append("listener not bound")
-        upstream, store = await asyncio.gather(self.upstream.result(), self.store.result())
+        upstream, store = probes or await self._probes()
         if not upstream.ok:
             reasons.append(f"upstream unreachable: {upstream.detail}")
         if sidecar.holder.runtime.config.server.ready_requires_state and not store.ok:
             reasons.append(f"state store unavailable: {store.detail}")
         return reasons
 
+    async def _probes(self) -> tuple[ProbeResult, ProbeResult]:
+        upstream, store = await asyncio.gather(self.upstream.result(), self.store.result())
+        return upstream, store
+
     async def health(self, request: web.Request) -> web.Response:
         sidecar = self.sidecar
         config = sidecar.holder.runtime.config
-        upstream, store = await asyncio.gather(self.upstream.result(), self.store.result())
-        reasons = await self._not_ready_reasons()
+        upstream, store = await self._probes()
+        reasons = await self._not_ready_reasons((upstream, store))
         body = {
             "status": "ready" if not reasons else "not ready",
             "reasons": reasons,

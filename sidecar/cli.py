@@ -68,29 +68,29 @@ def load_checked(path: str) -> SidecarConfig:
     return load_config(path, check_state=check_state_config)
 
 
-def check_config(path: str) -> int:
+def load_or_report(path: str | None) -> SidecarConfig | None:
+    """The config (the embedded one without a path), or None after printing every error."""
     try:
-        config = load_checked(path)
+        return load_checked(path) if path else embedded_config()
     except ConfigError as exc:
         for issue in exc.issues:
             print(issue, file=sys.stderr)
-        return 1
     except OSError as exc:
         print(f"{path}: {exc.strerror or exc}", file=sys.stderr)
+    return None
+
+
+def check_config(path: str) -> int:
+    config = load_or_report(path)
+    if config is None:
         return 1
     print(describe_config(config))
     return 0
 
 
 def run(path: str | None) -> int:
-    try:
-        config = load_checked(path) if path else embedded_config()
-    except ConfigError as exc:
-        for issue in exc.issues:
-            print(issue, file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"{path}: {exc.strerror or exc}", file=sys.stderr)
+    config = load_or_report(path)
+    if config is None:
         return 1
     workers = config.server.workers
     if workers > 1 and WORKER_ENV not in os.environ:

@@ -98,7 +98,6 @@ def problem_response(
     detail: str | None = None,
     *,
     status: int | None = None,
-    extra_headers: dict[str, str] | None = None,
     members: dict[str, object] | None = None,
 ) -> ProxyResponse:
     """Build the problem+json response; `members` become extension members of the body.
@@ -117,8 +116,6 @@ def problem_response(
     headers["Content-Type"] = PROBLEM_CONTENT_TYPE
     # Our own answers must never be cached by an intermediary as if they came from the app.
     headers["Cache-Control"] = "no-store"
-    if extra_headers:
-        headers.update(extra_headers)
     return ProxyResponse(status=status, headers=headers, body=orjson.dumps(body))
 
 

@@ -34,6 +34,7 @@ _REQUEST_ID_KEY = web.RequestKey("sidecar.request_id", str)
 CLIENT_CLOSED = 499
 # Dropped from untrusted peers (X-Forwarded-Proto/-Host are replaced instead).
 _UNTRUSTED_FORWARDING = ("Forwarded", "X-Real-IP")
+_TRUST_SENSITIVE = (*_UNTRUSTED_FORWARDING, "X-Forwarded-Proto", "X-Forwarded-Host")
 # Version 4 and the RFC 4122 variant, set on 128 random bits.
 _UUID4_MASK = ~((0xF << 76) | (0x3 << 62)) & ((1 << 128) - 1)
 _UUID4_BITS = (0x4 << 76) | (0x2 << 62)
@@ -198,7 +199,10 @@ class ProxyHandler:
         # Several field lines of a list header mean the same as one comma-joined line.
         forwarded_for = ", ".join(raw.headers.getall("X-Forwarded-For", ()))
         headers["X-Forwarded-For"] = f"{forwarded_for}, {peer}" if forwarded_for else peer
-        trusted = _is_trusted(peer, runtime.config)
+        # Parsing the peer's address costs a few µs: only when there is a claim to judge.
+        trusted = any(name in raw.headers for name in _TRUST_SENSITIVE) and _is_trusted(
+            peer, runtime.config
+        )
         if not trusted:
             # Claims about the client that only a trusted proxy may make.
             for name in _UNTRUSTED_FORWARDING:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from sidecar.chain import Next
 from sidecar.config import RouteConfig, RouteMatch
+from sidecar.hosts import host_without_port
 from sidecar.metrics import RouteMetrics
 
 # The route name requests that no route takes are counted and logged under.
@@ -59,15 +60,6 @@ def _host_check(pattern: str) -> Matcher:
         suffix = pattern[1:]  # ".example.com": the wildcard needs at least one label.
         return lambda method, host, path: host.endswith(suffix) and len(host) > len(suffix)
     return lambda method, host, path: host == pattern
-
-
-def host_without_port(host: str) -> str:
-    """Host header value, lower-case, without its port (IPv6 literals keep their brackets)."""
-    host = host.lower()
-    if host.startswith("["):
-        return host.partition("]")[0] + "]"
-    # "api.example.com." names the same host as "api.example.com" (a fully qualified name).
-    return host.partition(":")[0].rstrip(".")
 
 
 def path_for_matching(path: str) -> str:

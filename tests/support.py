@@ -4,7 +4,9 @@ exact bytes, raw-socket clients, and an in-process sidecar on free ports."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
 import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -267,6 +269,8 @@ class SidecarProcess:
             self.config_path,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
+            # Its own process group: stop() can end any workers it started, too.
+            start_new_session=True,
         )
         self._reader = asyncio.create_task(self._collect())
         await self.wait_admin(ready_path, 200, timeout)
@@ -316,13 +320,15 @@ class SidecarProcess:
         assert self.process is not None
         async with asyncio.timeout(timeout):
             code = await self.process.wait()
-        if self._reader is not None:
-            await self._reader
+            if self._reader is not None:
+                await self._reader  # the rest of its output
         return code
 
     async def stop(self) -> None:
-        if self.process is not None and self.process.returncode is None:
-            self.process.kill()
+        """Kill it and anything it started (its process group), by PID."""
+        if self.process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
             await self.process.wait()
         if self._reader is not None:
             self._reader.cancel()

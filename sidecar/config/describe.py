@@ -14,6 +14,11 @@ _SECRET_PARAMS = frozenset({"password", "pass", "pwd", "secret", "token"})
 _ROUTE_COLUMNS = ("#", "name", "match", "timeout", "idle_timeout", "max_body")
 
 
+def _is_secret(param: str) -> bool:
+    name = param.lower()
+    return name in _SECRET_PARAMS or name.endswith("password")  # sentinel_password, ssl_...
+
+
 def mask_url(url: str) -> str:
     """`url` with the password of its userinfo (and any password-like query value) hidden.
 
@@ -33,7 +38,7 @@ def mask_url(url: str) -> str:
     path, question, query = before_fragment.partition("?")
     if query:
         pairs = parse_qsl(query, keep_blank_values=True)
-        masked = [(key, MASK if key.lower() in _SECRET_PARAMS else value) for key, value in pairs]
+        masked = [(key, MASK if _is_secret(key) else value) for key, value in pairs]
         query = urlencode(masked, safe="*")
     return f"{scheme}://{netloc}{path}{question}{query}{hash_sign}{fragment}"
 

@@ -19,9 +19,9 @@ from multidict import CIMultiDict
 
 from sidecar.chain import Next, Policy, ProxyRequest, ProxyResponse
 from sidecar.config import RouteConfig, TracingConfig
+from sidecar.hosts import host_without_port
 from sidecar.logs import sanitise
 from sidecar.policies.base import PolicyDeps
-from sidecar.routing import host_without_port
 from sidecar.spans import SpanExporter, SpanRecord
 from sidecar.tracecontext import (
     B3_HEADERS,

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from redis.exceptions import (
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.maint_notifications import MaintNotificationsConfig
 
+from sidecar.config.describe import mask_url
 from sidecar.config.model import StateConfig
 from sidecar.store.base import Script, ScriptCall, ScriptResult, StoreError
 from sidecar.store.factory import StoreObserver, batch_label, report
@@ -51,8 +51,6 @@ SENTINEL_SCHEME = "redis+sentinel"
 SENTINEL_DEFAULT_PORT = 26379
 
 # For error messages: "scheme://user:PASSWORD@" and "?...password=PASSWORD".
-_USERINFO_PASSWORD = re.compile(r"^([a-z+]+://[^/@:]*:)[^/@]*@", re.IGNORECASE)
-_QUERY_PASSWORD = re.compile(r"([?&][a-z_]*password=)[^&#]*", re.IGNORECASE)
 
 # Errors meaning "Redis cannot serve this now", not "the script is wrong": connection
 # trouble, and replies like READONLY (a demoted master) or OOM. BUSY (another script overran
@@ -240,7 +238,7 @@ def check_url(url: str) -> None:
     try:
         options = parse_url(url)
     except ValueError as exc:
-        raise ValueError(f"state.url: {exc}: {_redact(url)}") from None
+        raise ValueError(f"state.url: {exc}: {mask_url(url)}") from None
     _check_options(ConnectionPool(**options), url)
 
 
@@ -252,12 +250,7 @@ def _check_options(pool: ConnectionPool, url: str) -> None:
     try:
         pool.connection_class(**pool.connection_kwargs)
     except TypeError as exc:
-        raise ValueError(f"state.url: unsupported option in {_redact(url)}: {exc}") from None
-
-
-def _redact(url: str) -> str:
-    """The URL for an error message: passwords (userinfo or query) masked."""
-    return _QUERY_PASSWORD.sub(r"\1***", _USERINFO_PASSWORD.sub(r"\1***@", url))
+        raise ValueError(f"state.url: unsupported option in {mask_url(url)}: {exc}") from None
 
 
 def _pinned(config: StateConfig) -> dict[str, Any]:
@@ -316,18 +309,18 @@ def parse_sentinel_url(url: str) -> SentinelURL:
     username, password = _userinfo(userinfo)
     sentinels = [_host_port(item, url) for item in hostlist.split(",") if item]
     if not sentinels:
-        raise ValueError(f"state.url names no sentinel: {_redact(url)}")
+        raise ValueError(f"state.url names no sentinel: {mask_url(url)}")
     path = [unquote(segment) for segment in parts.path.split("/") if segment]
     if not path or len(path) > 2:
-        raise ValueError(f"state.url must end in /service_name[/db]: {_redact(url)}")
+        raise ValueError(f"state.url must end in /service_name[/db]: {mask_url(url)}")
     try:
         db = int(path[1]) if len(path) == 2 else 0
     except ValueError:
-        raise ValueError(f"state.url: database must be a number: {_redact(url)}") from None
+        raise ValueError(f"state.url: database must be a number: {mask_url(url)}") from None
     query = {name: values[-1] for name, values in parse_qs(parts.query).items()}
     unknown = set(query) - {"sentinel_username", "sentinel_password"}
     if unknown:
-        raise ValueError(f"state.url: unknown sentinel options {sorted(unknown)}: {_redact(url)}")
+        raise ValueError(f"state.url: unknown sentinel options {sorted(unknown)}: {mask_url(url)}")
     return SentinelURL(
         sentinels=sentinels,
         service=path[0],
@@ -355,7 +348,7 @@ def _host_port(item: str, url: str) -> tuple[str, int]:
     try:
         port = int(port_text) if port_text else SENTINEL_DEFAULT_PORT
     except ValueError:
-        raise ValueError(f"state.url: bad sentinel port in {item!r}: {_redact(url)}") from None
+        raise ValueError(f"state.url: bad sentinel port in {item!r}: {mask_url(url)}") from None
     if not host:
-        raise ValueError(f"state.url: empty sentinel host: {_redact(url)}")
+        raise ValueError(f"state.url: empty sentinel host: {mask_url(url)}")
     return host, port

@@ -12,6 +12,7 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
+from typing import Self
 
 import aiohttp
 import orjson
@@ -72,8 +73,33 @@ class RawExchange:
         return [v for k, v in self.header_lines if k.lower() == name.lower()]
 
 
+@dataclass(kw_only=True)
+class LoopbackServer:
+    """A TCP server on a free 127.0.0.1 port; subclasses say how to `_serve` a connection."""
+
+    server: asyncio.AbstractServer | None = None
+    port: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> Self:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+
 @dataclass
-class RawUpstream:
+class RawUpstream(LoopbackServer):
     """A TCP server speaking just enough HTTP/1.1 to record requests byte for byte.
 
     It reads the head, then a Content-Length or chunked body (kept raw, chunk framing
@@ -83,22 +109,6 @@ class RawUpstream:
     response: bytes = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
     exchanges: list[RawExchange] = field(default_factory=list)
     received: asyncio.Event = field(default_factory=asyncio.Event)
-    server: asyncio.AbstractServer | None = None
-    port: int = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def start(self) -> RawUpstream:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self
-
-    async def stop(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            await self.server.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -156,11 +166,9 @@ def split_response(raw: bytes) -> tuple[bytes, list[tuple[str, str]], bytes]:
     return lines[0], headers, body
 
 
-def sidecar_config(upstream_url: str, yaml_routes: str = "", **server: object) -> SidecarConfig:
-    """A config for an in-process sidecar on free ports; routes in YAML (default catch-all)."""
-    text = f"upstream:\n  url: {upstream_url}\n"
-    if yaml_routes:
-        text += yaml_routes
+def config_on_free_ports(text: str, **server: object) -> SidecarConfig:
+    """A whole YAML config parsed by the real loader, then moved onto free 127.0.0.1 ports
+    with no drain, for an in-process sidecar; `server` overrides more server settings."""
     config = parse_config(text, source="<test>")
     settings: dict[str, object] = {
         "listen": Address("127.0.0.1", 0),
@@ -171,6 +179,11 @@ def sidecar_config(upstream_url: str, yaml_routes: str = "", **server: object) -
     }
     settings.update(server)
     return replace(config, server=replace(config.server, **settings))  # type: ignore[arg-type]
+
+
+def sidecar_config(upstream_url: str, yaml: str = "", **server: object) -> SidecarConfig:
+    """A config for `upstream_url` plus any other YAML sections (routes, logging...)."""
+    return config_on_free_ports(f"upstream:\n  url: {upstream_url}\n{yaml}", **server)
 
 
 class CapturingSink(LogSink):

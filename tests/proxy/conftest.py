@@ -7,14 +7,19 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from sidecar.config import Address, SidecarConfig, parse_config
-from tests.support import RawExchange, RawUpstream, _read_raw_body
+from tests.support import (
+    LoopbackServer,
+    RawExchange,
+    RawUpstream,
+    _read_raw_body,
+    config_on_free_ports,
+)
 
 # Every test body is wrapped in `asyncio.timeout(TEST_TIMEOUT)` so a hang fails, not blocks.
 TEST_TIMEOUT = 10.0
@@ -112,19 +117,8 @@ async def exchange(port: int, data: bytes, *, head_request: bool = False) -> Raw
         return await read_response(reader, head_request=head_request)
 
 
-def config_from_yaml(text: str, **server: object) -> SidecarConfig:
-    """A whole YAML config (any sections), moved onto free 127.0.0.1 ports like
-    tests.support.sidecar_config does."""
-    config = parse_config(text, source="<test>")
-    settings: dict[str, object] = {
-        "listen": Address("127.0.0.1", 0),
-        "admin_listen": Address("127.0.0.1", 0),
-        "drain": 0.0,
-        "shutdown_grace": 5.0,
-        "reload_interval": 0.0,
-    }
-    settings.update(server)
-    return replace(config, server=replace(config.server, **settings))  # type: ignore[arg-type]
+# A whole YAML config on free ports (kept under the name these tests use).
+config_from_yaml = config_on_free_ports
 
 
 async def metric_samples(admin_url: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
@@ -166,7 +160,7 @@ Responder = Callable[[RawExchange], "bytes | None"]
 
 
 @dataclass
-class ScriptedUpstream:
+class ScriptedUpstream(LoopbackServer):
     """A raw HTTP/1.1 upstream whose answer depends on the request.
 
     `respond(exchange)` returns the raw bytes to send, or None to close the connection
@@ -181,22 +175,6 @@ class ScriptedUpstream:
     received: asyncio.Event = field(default_factory=asyncio.Event)
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     connections: int = 0
-    server: asyncio.AbstractServer | None = None
-    port: int = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def start(self) -> ScriptedUpstream:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self
-
-    async def stop(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            await self.server.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -233,27 +211,11 @@ async def scripted_upstream(
 
 
 @dataclass
-class TapUpstream:
+class TapUpstream(LoopbackServer):
     """Records every byte each connection sends until the peer closes; never answers."""
 
     data: list[bytearray] = field(default_factory=list)
     closed: asyncio.Event = field(default_factory=asyncio.Event)
-    server: asyncio.AbstractServer | None = None
-    port: int = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def start(self) -> TapUpstream:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self
-
-    async def stop(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            await self.server.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         buffer = bytearray()

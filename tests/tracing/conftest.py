@@ -11,7 +11,7 @@ import re
 import textwrap
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -23,10 +23,10 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
-from sidecar.config import Address, SidecarConfig, parse_config
+from sidecar.config import SidecarConfig
 from sidecar.tracecontext import parse_traceparent
 from tests.proxy.conftest import RawResponse, exchange, wait_until
-from tests.support import RawExchange, RawUpstream, RunningSidecar, run_app
+from tests.support import RawExchange, RawUpstream, RunningSidecar, run_app, sidecar_config
 
 # Every test body runs under `asyncio.timeout(TEST_TIMEOUT)`: a hang fails, never blocks.
 TEST_TIMEOUT = 10.0
@@ -42,19 +42,8 @@ _TRACEPARENT_00 = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 
 
 def tracing_config(upstream_url: str, yaml: str = "", **server: object) -> SidecarConfig:
-    """A whole config from YAML text (any sections besides `upstream:`), parsed by the real
-    loader, then moved onto free 127.0.0.1 ports (as tests.support.sidecar_config does)."""
-    text = f"upstream:\n  url: {upstream_url}\n" + textwrap.dedent(yaml)
-    config = parse_config(text, source="<tracing-test>")
-    settings: dict[str, object] = {
-        "listen": Address("127.0.0.1", 0),
-        "admin_listen": Address("127.0.0.1", 0),
-        "drain": 0.0,
-        "shutdown_grace": 5.0,
-        "reload_interval": 0.0,
-    }
-    settings.update(server)
-    return replace(config, server=replace(config.server, **settings))  # type: ignore[arg-type]
+    """A config for `upstream_url` plus the (indented or not) YAML sections given."""
+    return sidecar_config(upstream_url, textwrap.dedent(yaml), **server)
 
 
 def export_yaml(endpoint: str, **settings: str) -> str:

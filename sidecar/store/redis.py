@@ -43,6 +43,7 @@ from sidecar.config.describe import mask_url
 from sidecar.config.model import StateConfig
 from sidecar.store.base import Script, ScriptCall, ScriptResult, StoreError
 from sidecar.store.factory import StoreObserver, batch_label, report
+from sidecar.store.resp import LeanConnection, usable_for
 
 T = TypeVar("T")
 Command = tuple[Any, ...]
@@ -68,7 +69,12 @@ class RedisStore:
         # Waiting for a free connection counts against the call's timeout, so a saturated
         # pool reports "timeout" instead of redis-py's "Too many connections" error.
         self._slots = asyncio.Semaphore(config.max_connections)
-        self._client, self._sentinel = _make_client(config)
+        check_url(config.url)  # fail now on a URL option nobody would read, not on first use
+        self._lean = _lean_connection(config)
+        self._client: Redis | None = None
+        self._sentinel: Sentinel | None = None
+        if self._lean is None:
+            self._client, self._sentinel = _make_client(config)
         self._closed = False
 
     @property
@@ -102,7 +108,10 @@ class RedisStore:
         if self._closed:
             return
         self._closed = True
-        await self._client.aclose()
+        if self._lean is not None:
+            await self._lean.close()
+        if self._client is not None:
+            await self._client.aclose()
         if self._sentinel is not None:
             await self._sentinel.aclose()
 
@@ -117,6 +126,8 @@ class RedisStore:
                 async with self._slots:
                     return await operation()
         except TimeoutError as exc:
+            if self._lean is not None:
+                self._lean.reset()  # it may be wedged: redial rather than queue behind it
             raise StoreError("timeout", f"no answer within {self._timeout * 1000:g} ms") from exc
         except RedisTimeoutError as exc:
             raise StoreError("timeout", str(exc)) from exc
@@ -130,7 +141,13 @@ class RedisStore:
 
     async def _ping(self) -> float:
         started = time.perf_counter()
-        await self._client.ping()
+        if self._lean is not None:
+            (reply,) = await self._lean.pipeline([("PING",)])
+            if isinstance(reply, Exception):
+                raise reply
+        else:
+            assert self._client is not None
+            await self._client.ping()
         return time.perf_counter() - started
 
     # -- scripts ------------------------------------------------------------------------
@@ -174,6 +191,10 @@ class RedisStore:
         cannot hide what happened to the others. Scripts are not registered with the
         pipeline on purpose: its auto-loading asks SCRIPT EXISTS first, every time.
         """
+        if self._lean is not None:
+            replies: list[Any] = await self._lean.pipeline(commands)
+            return replies
+        assert self._client is not None
         async with self._client.pipeline(transaction=False) as pipe:
             for command in commands:
                 pipe.execute_command(*command)
@@ -216,6 +237,15 @@ def _describe(error: Exception) -> str:
 
 
 # -- building the client (no I/O happens here) --------------------------------------------
+
+
+def _lean_connection(config: StateConfig) -> LeanConnection | None:
+    """The lean transport for plain and unix-socket URLs (see store/resp.py); TLS and
+    Sentinel URLs use redis-py's client."""
+    if urlsplit(config.url).scheme.lower() == SENTINEL_SCHEME:
+        return None
+    options: dict[str, Any] = dict(parse_url(config.url))
+    return LeanConnection(options) if usable_for(options) else None
 
 
 def _make_client(config: StateConfig) -> tuple[Redis, Sentinel | None]:

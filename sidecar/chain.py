@@ -132,6 +132,8 @@ class ProxyResponse:
     ) = None
     # Set when the sidecar answered because the upstream failed (502/504): what happened.
     failure: UpstreamFailure | None = None
+    # True for answers the sidecar made itself (problems, replays): never the app's result.
+    local: bool = False
 
 
 class UpstreamFailure(Exception):

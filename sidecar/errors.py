@@ -116,7 +116,7 @@ def problem_response(
     headers["Content-Type"] = PROBLEM_CONTENT_TYPE
     # Our own answers must never be cached by an intermediary as if they came from the app.
     headers["Cache-Control"] = "no-store"
-    return ProxyResponse(status=status, headers=headers, body=orjson.dumps(body))
+    return ProxyResponse(status=status, headers=headers, body=orjson.dumps(body), local=True)
 
 
 def failure_response(request: ProxyRequest, failure: UpstreamFailure) -> ProxyResponse:

@@ -245,7 +245,7 @@ class IdempotencyPolicy:
         headers: CIMultiDict[str] = CIMultiDict(decode_headers(found.headers))
         headers[REPLAYED] = "true"
         headers[EXPIRES] = _http_date(found.expires_ms)
-        return ProxyResponse(found.status, headers, found.body)
+        return ProxyResponse(found.status, headers, found.body, local=True)
 
     # -- the one execution -----------------------------------------------------------
 
@@ -293,6 +293,11 @@ class IdempotencyPolicy:
                 self._release(claim)
             # Otherwise the outcome is unknown (the app may have acted): the claim stays
             # until its lease runs out, so retries get 409 rather than a second execution.
+            return response
+        if response.local:
+            # Answered before reaching the app (a 413, and later a quota 429 or an open
+            # breaker's 503): nothing ran, so the key is free again, whatever the status.
+            self._release(claim)
             return response
         status = response.status
         response.headers[REPLAYED] = "false"

@@ -14,7 +14,14 @@ from dataclasses import replace
 from aiohttp import web
 
 from sidecar.app import Sidecar
-from sidecar.config import Address, SidecarConfig, embedded_config
+from sidecar.config import (
+    Address,
+    IdempotencyConfig,
+    RouteConfig,
+    RouteMatch,
+    SidecarConfig,
+    embedded_config,
+)
 from sidecar.logs import route_library_logs
 
 
@@ -64,6 +71,12 @@ def _free_port() -> int:
 
 def demo_config(port: int, admin_port: int, app_port: int) -> SidecarConfig:
     config = embedded_config(f"http://127.0.0.1:{app_port}")
+    # POST /orders is idempotent, to try the Idempotency-Key header; the rest is forwarded.
+    orders = RouteConfig(
+        name="orders",
+        match=RouteMatch(path_prefix="/orders", methods=frozenset({"POST"})),
+        idempotency=IdempotencyConfig(methods=frozenset({"POST"})),
+    )
     server = replace(
         config.server,
         listen=Address("127.0.0.1", port),
@@ -71,7 +84,7 @@ def demo_config(port: int, admin_port: int, app_port: int) -> SidecarConfig:
         drain=0.0,
         shutdown_grace=2.0,
     )
-    return replace(config, server=server)
+    return replace(config, server=server, routes=(orders, *config.routes))
 
 
 async def run_demo(port: int, admin_port: int) -> int:
@@ -91,6 +104,8 @@ sidecar demo: an echo app on 127.0.0.1:{app_port}, the sidecar in front of it on
 Try:
   curl -i {base}/hello?x=1
   curl -i -X POST {base}/orders -H 'Content-Type: application/json' -d '{{"amount": 42}}'
+  curl -i -X POST {base}/orders -H 'Idempotency-Key: order-1' -d '{{"amount": 42}}'  # twice:
+                                              # the second is a replay (Idempotent-Replayed)
   curl -N {base}/stream                       # server-sent events, streamed
   curl -s {admin}/health | python3 -m json.tool
   curl -s {admin}/metrics | grep sidecar_requests_total

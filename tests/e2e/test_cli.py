@@ -119,6 +119,18 @@ async def test_demo_serves_the_echo_app_through_the_sidecar() -> None:
         assert echoed["target"] == "/orders?x=1"
         assert echoed["body"] == '{"amount": 42}'
         assert r.headers["X-Request-Id"]
+        # The demo's POST /orders route is idempotent: the same key twice is one execution.
+        replies = []
+        async with aiohttp.ClientSession() as session:
+            for _ in range(2):
+                async with session.post(
+                    f"http://127.0.0.1:{port}/orders",
+                    data=b"{}",
+                    headers={"Idempotency-Key": "demo-1"},
+                ) as reply:
+                    replies.append((reply.headers["Idempotent-Replayed"], await reply.read()))
+        assert [flag for flag, _ in replies] == ["false", "true"]
+        assert replies[0][1] == replies[1][1]
         process.send_signal(signal.SIGTERM)
         async with asyncio.timeout(20):
             assert await process.wait() == 0

@@ -497,7 +497,11 @@ def run_phase(
                     phase.load_cpus,
                 )
         for round_no in range(1, settings.runs + 1):
-            for target in targets:
+            # Each round starts one target further on (A B C, B C A, C A B...): whatever
+            # favours a position in the round (the first target after a pause, say) falls
+            # on every target alike instead of always on the same one.
+            shift = (round_no - 1) % len(targets)
+            for target in targets[shift:] + targets[:shift]:
                 record = counted_run(
                     phase,
                     target,

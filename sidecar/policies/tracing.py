@@ -37,7 +37,6 @@ from sidecar.tracecontext import (
     parse_traceparent,
 )
 
-
 _B3_NAMES = (B3_SINGLE, *B3_HEADERS)
 
 

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import random
 import time
+from random import getrandbits
 
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy, istr
 
 from sidecar.chain import Next, Policy, ProxyRequest, ProxyResponse
 from sidecar.config import RouteConfig, TracingConfig
@@ -38,6 +39,13 @@ from sidecar.tracecontext import (
 )
 
 _B3_NAMES = (B3_SINGLE, *B3_HEADERS)
+_NON_ZERO = (1 << 64) | 1
+_TRACEPARENT = istr(TRACEPARENT)
+
+
+def _has_b3(headers: CIMultiDictProxy[str]) -> bool:
+    # map() rather than a generator expression: no generator frame per request.
+    return any(map(headers.__contains__, _B3_NAMES))
 
 
 class TracingPolicy:
@@ -49,12 +57,46 @@ class TracingPolicy:
         self._config = config
         self._route = route_name
         self._exporter = exporter
-        self._trace_id_header = config.trace_id_header
+        # istr: multidict then need not fold the name's case on every response.
+        self._trace_id_header = istr(config.trace_id_header)
         self._ratio = config.sample_ratio
         self._b3_accept = config.b3_accept
         self._b3_emit = config.b3_emit
 
     async def __call__(self, request: ProxyRequest, call_next: Next) -> ProxyResponse:
+        headers = request.headers
+        if (
+            self._exporter is None
+            and TRACEPARENT not in headers
+            and not (self._b3_accept and _has_b3(request.raw.headers))
+        ):
+            return await self._new_trace(request, call_next)
+        return await self._traced(request, call_next)
+
+    async def _new_trace(self, request: ProxyRequest, call_next: Next) -> ProxyResponse:
+        """The common case, kept lean: no trace context came in and no span is exported."""
+        headers = request.headers
+        if TRACESTATE in headers:
+            del headers[TRACESTATE]
+        # One draw for both ids; bit 64 keeps the trace id non-zero, bit 0 the span id.
+        ids = f"{getrandbits(192) | _NON_ZERO:048x}"
+        trace_id, span_id = ids[:32], ids[32:]
+        sampled = self._ratio >= 1.0 or random.random() < self._ratio
+        flags = "01" if sampled else "00"
+        headers[_TRACEPARENT] = f"00-{trace_id}-{span_id}-{flags}"
+        if self._b3_emit != "none":
+            _emit_b3(headers, self._b3_emit, trace_id, span_id, sampled)
+        request.trace_id = trace_id
+        fields = request.log_fields
+        fields["trace_id"] = trace_id
+        fields["span_id"] = span_id
+        fields["trace_flags"] = flags
+        response = await call_next(request)
+        response.headers[self._trace_id_header] = trace_id
+        return response
+
+    async def _traced(self, request: ProxyRequest, call_next: Next) -> ProxyResponse:
+        """A caller's trace context to read, or our own span to export."""
         started_ns = time.time_ns()
         headers = request.headers
         parent, forwarded_as_is, decision = self._parent(request)

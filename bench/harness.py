@@ -170,6 +170,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds the whole run may spend on retries (default 180)",
     )
     parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="count instructions per request under callgrind instead (GET targets; default "
+        "passthrough,tracing): repeatable where CPU seconds drift (see instructions.py)",
+    )
+    parser.add_argument(
+        "--instr-requests",
+        type=int,
+        default=1000,
+        help="requests counted per target with --instructions (default 1000)",
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         default=None,
@@ -739,6 +751,13 @@ def main(argv: list[str] | None = None) -> int:
         label = SidecarSource.label or working_tree_label()
         return pyspy.main(args.profile_seconds, args.port_base, write_backend_files(2**20), label)
     settings = settings_from(args)
+    if args.instructions:
+        import instructions
+
+        files = write_backend_files(2**20)
+        return instructions.main(
+            args.targets, args.port_base, args.instr_requests, settings.out, files
+        )
     targets = select(args.targets, settings.smoke)
     ports = allocate_ports(targets, args.port_base)
     availability = check_availability(targets, ports)

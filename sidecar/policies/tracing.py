@@ -38,9 +38,11 @@ from sidecar.tracecontext import (
     parse_traceparent,
 )
 
-_B3_NAMES = (B3_SINGLE, *B3_HEADERS)
+# istr: multidict then need not fold the case of a name on every lookup.
+_B3_NAMES = tuple(istr(name) for name in (B3_SINGLE, *B3_HEADERS))
 _NON_ZERO = (1 << 64) | 1
 _TRACEPARENT = istr(TRACEPARENT)
+_TRACESTATE = istr(TRACESTATE)
 
 
 def _has_b3(headers: CIMultiDictProxy[str]) -> bool:
@@ -62,29 +64,28 @@ class TracingPolicy:
         self._ratio = config.sample_ratio
         self._b3_accept = config.b3_accept
         self._b3_emit = config.b3_emit
+        self._emit = config.b3_emit != "none"
+        self._always_sample = config.sample_ratio >= 1.0
 
     async def __call__(self, request: ProxyRequest, call_next: Next) -> ProxyResponse:
         headers = request.headers
         if (
-            self._exporter is None
-            and TRACEPARENT not in headers
-            and not (self._b3_accept and _has_b3(request.raw.headers))
+            self._exporter is not None
+            or _TRACEPARENT in headers
+            or (self._b3_accept and _has_b3(request.raw.headers))
         ):
-            return await self._new_trace(request, call_next)
-        return await self._traced(request, call_next)
-
-    async def _new_trace(self, request: ProxyRequest, call_next: Next) -> ProxyResponse:
-        """The common case, kept lean: no trace context came in and no span is exported."""
-        headers = request.headers
-        if TRACESTATE in headers:
-            del headers[TRACESTATE]
+            return await self._traced(request, call_next)
+        # The common case, kept lean (and in this frame: no second coroutine per request):
+        # no trace context came in and no span is exported.
+        if _TRACESTATE in headers:
+            del headers[_TRACESTATE]
         # One draw for both ids; bit 64 keeps the trace id non-zero, bit 0 the span id.
         ids = f"{getrandbits(192) | _NON_ZERO:048x}"
         trace_id, span_id = ids[:32], ids[32:]
-        sampled = self._ratio >= 1.0 or random.random() < self._ratio
+        sampled = self._always_sample or random.random() < self._ratio
         flags = "01" if sampled else "00"
         headers[_TRACEPARENT] = f"00-{trace_id}-{span_id}-{flags}"
-        if self._b3_emit != "none":
+        if self._emit:
             _emit_b3(headers, self._b3_emit, trace_id, span_id, sampled)
         request.trace_id = trace_id
         fields = request.log_fields

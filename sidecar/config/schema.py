@@ -137,10 +137,6 @@ def text(parse: Callable[[str], T], expected: str) -> Converter[T]:
     return convert_text
 
 
-def string(node: RawNode, path: str, log: IssueLog) -> str:
-    return text(str, "a string")(node, path, log)
-
-
 def optional(converter: Converter[T]) -> Converter[T | None]:
     """`converter`, or None for an explicit null (`health_path: null` or `health_path: ~`)."""
 

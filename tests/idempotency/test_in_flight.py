@@ -11,7 +11,15 @@ import time
 import pytest
 from aiohttp import web
 
-from tests.idempotency.conftest import BODY, ROUTE, TEST_TIMEOUT, EnvFactory, eventually
+from tests.idempotency.conftest import (
+    BODY,
+    ROUTE,
+    TEST_TIMEOUT,
+    Env,
+    EnvFactory,
+    Reply,
+    eventually,
+)
 from tests.proxy.conftest import metric_value
 from tests.support import free_port
 
@@ -39,21 +47,29 @@ async def test_second_request_while_the_first_runs_gets_409_with_retry_after(
         assert await env.outcomes() == {"claimed": 1, "conflict": 1, "replayed": 1}
 
 
+async def first_running_second_waiting(
+    env: Env, path: str, key: str
+) -> tuple[asyncio.Task[Reply], asyncio.Task[Reply]]:
+    """The first request held upstream, and a second with the same key waiting for it."""
+    first = asyncio.create_task(env.send(path, key=key))
+    await env.wait_executions(1)
+    begins = await env.store_calls("idempotency_begin")
+    second = asyncio.create_task(env.send(path, key=key))
+
+    async def second_is_polling() -> bool:
+        return await env.store_calls("idempotency_begin") >= begins + 2
+
+    # Two lookups by the second request: it found the key in progress and is waiting.
+    await eventually(second_is_polling, "the second request to wait")
+    return first, second
+
+
 async def test_with_wait_the_second_request_gets_the_first_ones_response(
     make_env: EnvFactory,
 ) -> None:
     async with asyncio.timeout(TEST_TIMEOUT):
         env = await make_env("{lease: 5s, wait: 2s}")
-        first = asyncio.create_task(env.send("/slow", key="wait"))
-        await env.wait_executions(1)
-        begins = await env.store_calls("idempotency_begin")
-        second = asyncio.create_task(env.send("/slow", key="wait"))
-
-        async def second_is_polling() -> bool:
-            return await env.store_calls("idempotency_begin") >= begins + 2
-
-        # Two lookups by the second request: it found the key in progress and is waiting.
-        await eventually(second_is_polling, "the second request to wait")
+        first, second = await first_running_second_waiting(env, "/slow", "wait")
         assert not second.done()
         env.upstream.gate.set()
         one, two = await first, await second
@@ -72,15 +88,7 @@ async def test_with_wait_a_released_first_outcome_lets_the_waiting_retry_run_it(
     and runs it itself, rather than getting the 503 or a 409."""
     async with asyncio.timeout(TEST_TIMEOUT):
         env = await make_env("{lease: 5s, wait: 2s}")
-        first = asyncio.create_task(env.send("/slow/status/503", key="w"))
-        await env.wait_executions(1)
-        begins = await env.store_calls("idempotency_begin")
-        second = asyncio.create_task(env.send("/slow/status/503", key="w"))
-
-        async def second_is_polling() -> bool:
-            return await env.store_calls("idempotency_begin") >= begins + 2
-
-        await eventually(second_is_polling, "the second request to wait")
+        first, second = await first_running_second_waiting(env, "/slow/status/503", "w")
         env.upstream.gate.set()
         one, two = await first, await second
         assert (one.status, one.n) == (503, 1)

@@ -12,6 +12,7 @@ from sidecar.config.model import Address, IPNetwork
 
 __all__ = [
     "ADDRESS_EXPECTED",
+    "STATE_SCHEMES",
     "UpstreamTarget",
     "parse_address",
     "parse_header_name",
@@ -27,6 +28,8 @@ __all__ = [
 ]
 
 ADDRESS_EXPECTED = "an address like 0.0.0.0:8000 or '[::]:8000'"
+# The one list of state URL schemes, in the order error messages give them. The store
+# (sidecar/store/factory.py) imports it and sends memory:// in-process, the rest to Redis.
 STATE_SCHEMES = ("memory", "redis", "rediss", "redis+sentinel", "unix")
 UPSTREAM_SCHEMES = ("http", "https")
 

@@ -13,13 +13,9 @@ from sidecar.store.base import (
     StateStore,
     StoreError,
 )
-from sidecar.store.factory import (
-    SUPPORTED_SCHEMES,
-    StoreObserver,
-    check_state_config,
-    open_store,
-)
+from sidecar.store.factory import SUPPORTED_SCHEMES, check_state_config, open_store
 from sidecar.store.memory import MemoryStore
+from sidecar.store.observe import StoreObserver
 
 __all__ = [
     "SUPPORTED_SCHEMES",

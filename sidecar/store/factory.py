@@ -1,23 +1,19 @@
-"""Opening a state store from `state.url`, and the observer hook both backends report to."""
+"""Opening a state store from `state.url` (the backends' shared observer hook is observe.py)."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Sequence
-from typing import TypeAlias
 from urllib.parse import urlsplit
 
 from sidecar.config.model import StateConfig
-from sidecar.store.base import ScriptCall, StateStore, StoreError
+from sidecar.config.values import STATE_SCHEMES
+from sidecar.store.base import StateStore
+from sidecar.store.observe import StoreObserver
 
-# Called after every execute/ping with (operation label, seconds, error kind or None).
-# The label is the script name, "a+b" for a batch (in call order), or "ping". Scripts are a
-# static set, so labels stay bounded and are safe as metric labels. Must not raise.
-StoreObserver: TypeAlias = Callable[[str, float, str | None], None]
-
+# The config owns the list of state URL schemes (it checks them without loading the store);
+# here they are only split by backend: memory:// is in-process, every other one is Redis.
+SUPPORTED_SCHEMES = frozenset(STATE_SCHEMES)
 MEMORY_SCHEMES = frozenset({"memory"})
-REDIS_SCHEMES = frozenset({"redis", "rediss", "unix", "redis+sentinel"})
-SUPPORTED_SCHEMES = MEMORY_SCHEMES | REDIS_SCHEMES
+REDIS_SCHEMES = SUPPORTED_SCHEMES - MEMORY_SCHEMES
 
 
 def open_store(config: StateConfig, observe: StoreObserver | None = None) -> StateStore:
@@ -62,17 +58,3 @@ def check_key_prefix(prefix: str) -> None:
     would put every key in one slot and defeat the per-organisation `{o:ORG}` tags."""
     if "{" in prefix or "}" in prefix:
         raise ValueError(f"state.key_prefix must not contain '{{' or '}}': {prefix!r}")
-
-
-def batch_label(calls: Sequence[ScriptCall]) -> str:
-    if len(calls) == 1:
-        return calls[0].script.name
-    return "+".join(call.script.name for call in calls)
-
-
-def report(
-    observe: StoreObserver | None, label: str, started: float, error: StoreError | None
-) -> None:
-    """Tell the observer how an operation that began at perf_counter() `started` went."""
-    if observe is not None:
-        observe(label, time.perf_counter() - started, None if error is None else error.kind)

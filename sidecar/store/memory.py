@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 
 from sidecar.store.base import ScriptCall, ScriptResult, StoreError
-from sidecar.store.factory import StoreObserver, batch_label, report
+from sidecar.store.observe import StoreObserver, batch_label, report
 
 Value = bytes | dict[str, bytes]
 

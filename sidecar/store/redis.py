@@ -42,7 +42,7 @@ from redis.maint_notifications import MaintNotificationsConfig
 from sidecar.config.describe import mask_url
 from sidecar.config.model import StateConfig
 from sidecar.store.base import Script, ScriptCall, ScriptResult, StoreError
-from sidecar.store.factory import StoreObserver, batch_label, report
+from sidecar.store.observe import StoreObserver, batch_label, report
 from sidecar.store.resp import LeanConnection, usable_for
 
 T = TypeVar("T")

@@ -10,7 +10,7 @@ import pytest
 
 from sidecar.config.model import StateConfig
 from sidecar.store import MemoryStore, ScriptCall, open_store
-from sidecar.store.factory import batch_label
+from sidecar.store.observe import batch_label
 from tests.store.twins import GET_MANY, INCR_TTL
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -12,22 +12,35 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import aiohttp
 import orjson
 from aiohttp import web
+from yarl import URL
 
 from sidecar import __version__
+from sidecar.config import SidecarConfig, UpstreamConfig
 from sidecar.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from sidecar.store import StoreError
-
-if TYPE_CHECKING:
-    from sidecar.app import Sidecar
+from sidecar.metrics import Metrics
+from sidecar.store import StateStore, StoreError
 
 CheckFn = Callable[[], Awaitable[tuple[bool, str]]]
 # Probes from several kubelets and scrapers must not each open a connection to the app.
 _PROBE_CACHE_SECONDS = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """What the process reports about itself, as of now (injected: admin knows no app)."""
+
+    config: SidecarConfig
+    draining: bool
+    listening: bool
+    pid: int
+    uptime_seconds: float
+    reloads: int
+    last_reload_error: str | None
+    state_backend: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,43 +80,52 @@ class CachedProbe:
         return self._last
 
 
-def upstream_check(sidecar: Sidecar) -> CheckFn:
-    """TCP connect to the app, or GET `upstream.health_path` expecting a status below 500."""
+class UpstreamProbe:
+    """TCP connect to the app, or GET `upstream.health_path` expecting a status below 500.
 
-    async def check() -> tuple[bool, str]:
-        upstream = sidecar.holder.runtime.config.upstream
+    It has a client of its own, never the proxy's pool: a saturated pool must not make
+    every replica unready at once (and a probe must not queue behind the traffic).
+    """
+
+    def __init__(self, upstream: Callable[[], UpstreamConfig]) -> None:
+        self._upstream = upstream
+        self._session: aiohttp.ClientSession | None = None
+
+    async def check(self) -> tuple[bool, str]:
+        upstream = self._upstream()
         if upstream.health_path is None:
             async with asyncio.timeout(upstream.connect_timeout):
                 _, writer = await asyncio.open_connection(upstream.host, upstream.port)
             writer.close()
             await writer.wait_closed()
             return True, "tcp connect ok"
-        url = sidecar.forwarder.upstream_url(upstream.health_path)
+        if self._session is None:
+            # One connection at most, closed after each probe: probes are a second apart.
+            connector = aiohttp.TCPConnector(limit=1, force_close=True)
+            self._session = aiohttp.ClientSession(
+                connector=connector, cookie_jar=aiohttp.DummyCookieJar()
+            )
+        origin = f"{upstream.scheme}://{upstream.host}:{upstream.port}{upstream.base_path}"
+        url = URL(origin + upstream.health_path, encoded=True)
         timeout = aiohttp.ClientTimeout(total=max(upstream.connect_timeout, 1.0) * 2)
-        async with sidecar.forwarder.session.get(url, timeout=timeout) as response:
+        async with self._session.get(url, timeout=timeout, allow_redirects=False) as response:
             return response.status < 500, f"GET {upstream.health_path} -> {response.status}"
 
-    return check
-
-
-def store_check(sidecar: Sidecar) -> CheckFn:
-    async def check() -> tuple[bool, str]:
-        try:
-            rtt = await sidecar.store.ping()
-        except StoreError as exc:
-            return False, str(exc)
-        return True, f"ping {rtt * 1000:.2f} ms"
-
-    return check
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
 
 
 class Admin:
-    """Handlers for the admin listener."""
+    """Handlers for the admin listener; what they report is injected by the app."""
 
-    def __init__(self, sidecar: Sidecar) -> None:
-        self.sidecar = sidecar
-        self.upstream = CachedProbe(upstream_check(sidecar))
-        self.store = CachedProbe(store_check(sidecar))
+    def __init__(self, status: Callable[[], Status], store: StateStore, metrics: Metrics) -> None:
+        self._status = status
+        self._store = store
+        self._metrics = metrics
+        self._upstream_probe = UpstreamProbe(lambda: status().config.upstream)
+        self.upstream = CachedProbe(self._upstream_probe.check)
+        self.store = CachedProbe(self._check_store)
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -111,30 +133,40 @@ class Admin:
         app.router.add_get("/ready", self.ready)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics)
+        app.on_cleanup.append(self._close)
         return app
+
+    async def _close(self, app: web.Application) -> None:
+        await self._upstream_probe.close()
+
+    async def _check_store(self) -> tuple[bool, str]:
+        try:
+            rtt = await self._store.ping()
+        except StoreError as exc:
+            return False, str(exc)
+        return True, f"ping {rtt * 1000:.2f} ms"
 
     async def live(self, request: web.Request) -> web.Response:
         return _json(200, {"status": "alive"})
 
     async def ready(self, request: web.Request) -> web.Response:
-        reasons = await self._not_ready_reasons()
+        reasons = await self._not_ready_reasons(self._status())
         if reasons:
             return _json(503, {"status": "not ready", "reasons": reasons})
         return _json(200, {"status": "ready"})
 
     async def _not_ready_reasons(
-        self, probes: tuple[ProbeResult, ProbeResult] | None = None
+        self, status: Status, probes: tuple[ProbeResult, ProbeResult] | None = None
     ) -> list[str]:
-        sidecar = self.sidecar
         reasons = []
-        if sidecar.holder.draining:
+        if status.draining:
             reasons.append("draining")
-        if not sidecar.listening:
+        if not status.listening:
             reasons.append("listener not bound")
         upstream, store = probes or await self._probes()
         if not upstream.ok:
             reasons.append(f"upstream unreachable: {upstream.detail}")
-        if sidecar.holder.runtime.config.server.ready_requires_state and not store.ok:
+        if status.config.server.ready_requires_state and not store.ok:
             reasons.append(f"state store unavailable: {store.detail}")
         return reasons
 
@@ -143,35 +175,32 @@ class Admin:
         return upstream, store
 
     async def health(self, request: web.Request) -> web.Response:
-        sidecar = self.sidecar
-        config = sidecar.holder.runtime.config
         upstream, store = await self._probes()
-        reasons = await self._not_ready_reasons((upstream, store))
+        status = self._status()
+        config = status.config
+        reasons = await self._not_ready_reasons(status, (upstream, store))
         body = {
             "status": "ready" if not reasons else "not ready",
             "reasons": reasons,
             "version": __version__,
-            "pid": sidecar.pid,
-            "uptime_seconds": round(time.monotonic() - sidecar.started_monotonic, 3),
-            "draining": sidecar.holder.draining,
+            "pid": status.pid,
+            "uptime_seconds": round(status.uptime_seconds, 3),
+            "draining": status.draining,
             "config": {
                 "source": config.source,
                 "sha256": config.sha256,
                 "loaded_at": config.loaded_at,
-                "reloads": sidecar.reload_count,
-                "last_reload_error": sidecar.last_reload_error,
+                "reloads": status.reloads,
+                "last_reload_error": status.last_reload_error,
             },
-            "routes": [
-                {"name": r.config.name, "timeout": r.config.timeout}
-                for r in sidecar.holder.runtime.routes.routes
-            ],
+            "routes": [{"name": r.name, "timeout": r.timeout} for r in config.routes],
             "upstream": _probe_json(upstream) | {"url": config.upstream.url},
-            "state": _probe_json(store) | {"backend": sidecar.store.backend},
+            "state": _probe_json(store) | {"backend": status.state_backend},
         }
         return _json(200, body)
 
     async def metrics(self, request: web.Request) -> web.Response:
-        body = self.sidecar.metrics.render()
+        body = self._metrics.render()
         response = web.Response(body=body)
         response.headers["Content-Type"] = METRICS_CONTENT_TYPE
         return response

@@ -4,7 +4,8 @@ Shutdown follows what Kubernetes needs for a rollout that loses no request:
 1. SIGTERM: /ready turns 503 at once and responses carry `Connection: close`, while
    traffic keeps flowing for `server.drain` (endpoints are removed asynchronously);
 2. the listener closes; idle keep-alive connections are closed;
-3. in-flight requests get up to `server.shutdown_grace` to finish; then exit 0.
+3. in-flight requests get `server.shutdown_grace` in total to finish, then are cancelled;
+4. background store writes get what is left of that deadline (at least a second); exit 0.
 """
 
 from __future__ import annotations
@@ -22,18 +23,25 @@ from typing import Any
 
 from aiohttp import web
 
-from sidecar.admin import Admin
+from sidecar.admin import Admin, Status
 from sidecar.background import BackgroundTasks
 from sidecar.chain import build_chain
 from sidecar.config import ConfigError, RouteConfig, RouteMatch, SidecarConfig, load_config
-from sidecar.handler import ProxyHandler, ProxyServer, Runtime, RuntimeHolder, answer_unrouted
+from sidecar.handler import (
+    ProxyHandler,
+    ProxyServer,
+    Runtime,
+    RuntimeHolder,
+    answer_unrouted,
+    protected_headers,
+)
 from sidecar.logs import AccessLog, IdentityHasher, LogSink, route_library_logs
 from sidecar.metrics import Metrics
-from sidecar.policies import PolicyDeps, build_policies, tracing
+from sidecar.policies import PolicyDeps, PolicyState, build_policies, tracing
 from sidecar.routing import UNROUTED, CompiledRoute, RouteTable, compile_matcher
 from sidecar.spans import SpanExporter
 from sidecar.store import StateStore, check_state_config, open_store
-from sidecar.upstream import Forwarder
+from sidecar.upstream import ConnectionBudget, Forwarder
 
 # Store writes that outlived their requests get at least this long at shutdown.
 _LAST_WRITES_SECONDS = 1.0
@@ -84,8 +92,11 @@ class Sidecar:
             if config.tracing.export.endpoint is not None
             else None
         )
-        self.forwarder = Forwarder(config.upstream)
+        # One budget of upstream connections for every pool this process makes.
+        self.budget = ConnectionBudget(config.upstream.max_connections)
+        self.forwarder = Forwarder(config.upstream, self.budget)
         self.background = BackgroundTasks()
+        self.policy_state = PolicyState()
         self.holder = RuntimeHolder(self.build_runtime(config))
         self._stop = asyncio.Event()
         self._reload_requested = asyncio.Event()
@@ -93,7 +104,7 @@ class Sidecar:
         self._listener: asyncio.Server | None = None
         self._admin_runner: web.AppRunner | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._retired: list[Forwarder] = []
+        self._retired: set[Forwarder] = set()
         self.metrics.config_last_reload.set(config.loaded_at)
 
     # -- building a config generation ------------------------------------------------
@@ -108,6 +119,7 @@ class Sidecar:
             log=self.log,
             spans=self.spans,
             background=self.background,
+            state=self.policy_state,
         )
         compiled = []
         for route in config.routes:
@@ -131,6 +143,7 @@ class Sidecar:
             unrouted=self._unrouted_chain(config, deps),
             access_log=access_log,
             request_id_header=config.tracing.request_id_header,
+            protected_headers=protected_headers(config),
         )
 
     def _id_hasher(self, config: SidecarConfig) -> IdentityHasher:
@@ -174,7 +187,8 @@ class Sidecar:
             reuse_port=self.reuse_port or None,
             backlog=1024,
         )
-        self._admin_runner = web.AppRunner(Admin(self).app(), access_log=None, handle_signals=False)
+        admin_app = Admin(self.status, self.store, self.metrics).app()
+        self._admin_runner = web.AppRunner(admin_app, access_log=None, handle_signals=False)
         await self._admin_runner.setup()
         admin = config.server.admin_listen
         site = web.TCPSite(
@@ -198,6 +212,19 @@ class Sidecar:
             config=config.source,
             config_sha256=config.sha256,
             routes=len(config.routes),
+        )
+
+    def status(self) -> Status:
+        """A snapshot of this process for the admin endpoints."""
+        return Status(
+            config=self.holder.runtime.config,
+            draining=self.holder.draining,
+            listening=self.listening,
+            pid=self.pid,
+            uptime_seconds=time.monotonic() - self.started_monotonic,
+            reloads=self.reload_count,
+            last_reload_error=self.last_reload_error,
+            state_backend=self.store.backend,
         )
 
     @property
@@ -227,22 +254,24 @@ class Sidecar:
     async def shutdown(self) -> None:
         """Drain, stop listening, let in-flight requests finish, release everything.
 
-        One deadline for all of it, `drain + shutdown_grace` from now, so the whole stop fits
-        the pod's termination grace period; store writes that outlived their requests
-        (idempotency outcomes) still get at least a second.
+        One deadline for the requests: `shutdown_grace` after the drain, then whatever
+        still runs is cancelled (aiohttp's own shutdown would wait the grace twice). Store
+        writes that outlived their requests (idempotency outcomes) get what is left of it,
+        and at least a second; so the whole stop takes at most drain + shutdown_grace + 1 s.
         """
         loop = asyncio.get_running_loop()
         server_config = self.holder.runtime.config.server
-        deadline = loop.time() + server_config.drain + server_config.shutdown_grace
         self.holder.draining = True
         await asyncio.sleep(server_config.drain)
+        deadline = loop.time() + server_config.shutdown_grace
         if self._listener is not None:
             self._listener.close()
         self.listening = False
         self.log.event("sidecar.stopping", grace_seconds=server_config.shutdown_grace)
         if self._proxy_server is not None:
-            # Closes idle keep-alive connections now and waits for in-flight handlers.
-            await self._proxy_server.shutdown(max(deadline - loop.time(), 0.0))
+            self._proxy_server.close_idle()
+            await self._proxy_server.cancel_running(deadline)
+        retired = set(self._retired)  # their retiring tasks end below; they close here
         for task in list(self._tasks):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -250,7 +279,7 @@ class Sidecar:
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
         await self.background.drain(max(deadline - loop.time(), _LAST_WRITES_SECONDS))
-        for forwarder in (*self._retired, self.forwarder):
+        for forwarder in (*retired, self.forwarder):
             await forwarder.close()
         await self.store.close()
         if self.spans is not None:
@@ -299,7 +328,10 @@ class Sidecar:
         except OSError as exc:
             return self._reload_failed([f"{self.config_path}: {exc.strerror or exc}"])
         restart_only = _restart_only_changes(current, config)
-        forwarder = Forwarder(config.upstream) if config.upstream != current.upstream else None
+        self.budget.resize(config.upstream.max_connections)
+        forwarder = (
+            Forwarder(config.upstream, self.budget) if config.upstream != current.upstream else None
+        )
         try:
             runtime = self.build_runtime(config, forwarder)
         except Exception as exc:  # a bug rather than a bad file: keep serving the old config
@@ -310,6 +342,7 @@ class Sidecar:
             self._retire(self.forwarder, config.server.shutdown_grace)
             self.forwarder = forwarder
         self.holder.runtime = runtime
+        self.policy_state.retain(route.name for route in config.routes)
         self.reload_count += 1
         self.last_reload_error = None
         self.metrics.config_reloads.labels("success").inc()
@@ -330,15 +363,18 @@ class Sidecar:
         return False
 
     def _retire(self, forwarder: Forwarder, grace: float) -> None:
-        """Close a replaced upstream pool once requests under way on it have had `grace`."""
-        self._retired.append(forwarder)
+        """Requests under way on a replaced upstream pool finish on it; it closes after the
+        last, and at `grace` what still runs is cut (so no client waits on a closed pool)."""
+        self._retired.add(forwarder)
+        deadline = asyncio.get_running_loop().time() + grace
 
-        async def close_later() -> None:
-            await asyncio.sleep(grace)
-            self._retired.remove(forwarder)
-            await forwarder.close()
+        async def retire() -> None:
+            try:
+                await forwarder.retire(deadline)
+            finally:
+                self._retired.discard(forwarder)
 
-        self._spawn(close_later())
+        self._spawn(retire())
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work)

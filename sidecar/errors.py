@@ -10,7 +10,7 @@ import aiohttp
 import orjson
 from multidict import CIMultiDict
 
-from sidecar.chain import Problem, ProxyRequest, ProxyResponse, UpstreamFailure
+from sidecar.chain import Failure, Origin, Problem, ProxyRequest, ProxyResponse, UpstreamFailure
 
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 
@@ -18,6 +18,15 @@ BAD_REQUEST = Problem("bad-request", 400, "The request could not be understood")
 ROUTE_NOT_FOUND = Problem("route-not-found", 404, "No route matches this request")
 BODY_TOO_LARGE = Problem("body-too-large", 413, "Request body too large")
 CLIENT_STALLED = Problem("request-body-timeout", 408, "The client stopped sending the request body")
+REQUEST_HEAD_TIMEOUT = Problem(
+    "request-head-timeout", 408, "The request head did not arrive in time"
+)
+TRANSFER_CODING_UNSUPPORTED = Problem(
+    "transfer-coding-not-implemented", 501, "The request's transfer coding is not supported"
+)
+TOO_MANY_CONNECTIONS = Problem(
+    "too-many-connections", 503, "The sidecar serves as many connections as it may"
+)
 INTERNAL_ERROR = Problem("internal-error", 500, "The sidecar failed to handle the request")
 UPSTREAM_CONNECT_FAILED = Problem(
     "upstream-connect-failed", 502, "The upstream application could not be reached"
@@ -30,6 +39,9 @@ UPSTREAM_BODY_BROKEN = Problem(
 )
 UPSTREAM_BAD_RESPONSE = Problem(
     "upstream-bad-response", 502, "The upstream application sent an invalid response"
+)
+UPSTREAM_POOL_EXHAUSTED = Problem(
+    "upstream-pool-exhausted", 503, "No upstream connection became free in time"
 )
 UPSTREAM_TIMEOUT = Problem(
     "upstream-timeout", 504, "The upstream application did not answer in time"
@@ -63,11 +75,15 @@ CATALOGUE: tuple[Problem, ...] = (
     ROUTE_NOT_FOUND,
     BODY_TOO_LARGE,
     CLIENT_STALLED,
+    REQUEST_HEAD_TIMEOUT,
+    TRANSFER_CODING_UNSUPPORTED,
+    TOO_MANY_CONNECTIONS,
     INTERNAL_ERROR,
     UPSTREAM_CONNECT_FAILED,
     UPSTREAM_RESET,
     UPSTREAM_BODY_BROKEN,
     UPSTREAM_BAD_RESPONSE,
+    UPSTREAM_POOL_EXHAUSTED,
     UPSTREAM_TIMEOUT,
     IDEMPOTENCY_KEY_MISSING,
     IDEMPOTENCY_KEY_INVALID,
@@ -116,7 +132,9 @@ def problem_response(
     headers["Content-Type"] = PROBLEM_CONTENT_TYPE
     # Our own answers must never be cached by an intermediary as if they came from the app.
     headers["Cache-Control"] = "no-store"
-    return ProxyResponse(status=status, headers=headers, body=orjson.dumps(body), local=True)
+    return ProxyResponse(
+        status=status, headers=headers, body=orjson.dumps(body), origin=Origin.SIDECAR
+    )
 
 
 def failure_response(request: ProxyRequest, failure: UpstreamFailure) -> ProxyResponse:
@@ -126,12 +144,8 @@ def failure_response(request: ProxyRequest, failure: UpstreamFailure) -> ProxyRe
     return response
 
 
-def client_stalled(request: ProxyRequest, idle: float) -> ProxyResponse:
-    response = problem_for(
-        CLIENT_STALLED,
-        request,
-        detail=f"no request body data arrived for {idle:g}s (the route's idle_timeout)",
-    )
+def client_stalled(request: ProxyRequest, detail: str) -> ProxyResponse:
+    response = problem_for(CLIENT_STALLED, request, detail=detail)
     # The rest of the body may still come: this connection cannot carry another request.
     response.headers["Connection"] = "close"
     return response
@@ -154,23 +168,25 @@ def classify_client_error(exc: aiohttp.ClientError) -> UpstreamFailure:
     """
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
         return UpstreamFailure(
-            "connect_timeout",
+            Failure.CONNECT_TIMEOUT,
             UPSTREAM_CONNECT_FAILED,
             "connecting to the upstream timed out",
         )
     if isinstance(exc, aiohttp.ServerTimeoutError):
-        return UpstreamFailure("timeout", UPSTREAM_TIMEOUT, "the upstream stopped sending data")
+        return UpstreamFailure(
+            Failure.TIMEOUT, UPSTREAM_TIMEOUT, "the upstream stopped sending data"
+        )
     if isinstance(exc, aiohttp.ClientConnectorError):
         reason = exc.os_error.strerror or type(exc.os_error).__name__
         return UpstreamFailure(
-            "connect", UPSTREAM_CONNECT_FAILED, f"cannot connect to the upstream: {reason}"
+            Failure.CONNECT, UPSTREAM_CONNECT_FAILED, f"cannot connect to the upstream: {reason}"
         )
     if isinstance(exc, aiohttp.ClientResponseError):
         return UpstreamFailure(
-            "bad_response",
+            Failure.BAD_RESPONSE,
             UPSTREAM_BAD_RESPONSE,
             "the upstream's response is not valid HTTP/1.1",
         )
     return UpstreamFailure(
-        "reset", UPSTREAM_RESET, "the upstream closed the connection before responding"
+        Failure.RESET, UPSTREAM_RESET, "the upstream closed the connection before responding"
     )

@@ -18,18 +18,40 @@ from aiohttp import hdrs, web
 from multidict import CIMultiDict
 
 from sidecar import errors
-from sidecar.chain import BodyTooLarge, ClientStalled, Next, ProxyRequest, ProxyResponse
-from sidecar.config import SidecarConfig
+from sidecar.chain import (
+    CONTINUE,
+    CONTINUE_SENT,
+    BodyTooLarge,
+    ClientStalled,
+    Failure,
+    Next,
+    Origin,
+    Outcome,
+    Problem,
+    ProxyRequest,
+    ProxyResponse,
+)
+from sidecar.config import ServerConfig, SidecarConfig
 from sidecar.logs import AccessLog, LogSink
 from sidecar.metrics import Metrics, RouteMetrics
-from sidecar.routing import UNROUTED, CompiledRoute, RouteTable
+from sidecar.routing import (
+    REFUSED_PATH_DETAIL,
+    UNROUTED,
+    CompiledRoute,
+    RouteTable,
+    path_for_matching,
+)
 from sidecar.tracecontext import new_trace_id
-from sidecar.upstream import strip_hop_by_hop
+from sidecar.upstream import connection_tokens, strip_hop_by_hop
 
 # RFC 9110 §9.3.7: OPTIONS * asks about the server itself, which here is the sidecar.
 _SERVER_METHODS = "GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS"
 _MAX_REQUEST_ID = 128
 _REQUEST_ID_KEY = web.RequestKey("sidecar.request_id", str)
+# Why the handler refuses a request before routing it (answered by the unrouted chain).
+_REFUSAL_KEY = web.RequestKey("sidecar.refusal", tuple)
+# The one transfer coding a request may use (RFC 9112 §6.1: others get 501).
+_CHUNKED = "chunked"
 # nginx's convention for a request the client abandoned before the response was sent.
 CLIENT_CLOSED = 499
 # Dropped from untrusted peers (X-Forwarded-Proto/-Host are replaced instead).
@@ -50,6 +72,8 @@ class Runtime:
     unrouted: CompiledRoute
     access_log: AccessLog | None
     request_id_header: str
+    # Headers the sidecar sets or relies on: a Connection header may not name them.
+    protected_headers: frozenset[str]
 
 
 class RuntimeHolder:
@@ -58,6 +82,39 @@ class RuntimeHolder:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self.draining = False
+        # Set at the shutdown deadline, just before requests still running are cancelled.
+        self.cancelling = False
+
+
+# Always set or managed by the sidecar, whatever the config (see protected_headers).
+_MANAGED_HEADERS = frozenset(
+    {
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "forwarded",
+        "x-real-ip",
+        "traceparent",
+        "tracestate",
+    }
+)
+
+
+def protected_headers(config: SidecarConfig) -> frozenset[str]:
+    """Headers a client's Connection header may not name (a hop-by-hop name is removed
+    before forwarding, so naming Host or Content-Length would change framing or identity
+    behind the sidecar's back): framing, forwarding, tracing, identity, idempotency keys."""
+    names = {
+        config.tracing.request_id_header,
+        config.tracing.trace_id_header,
+        config.identity.org_header,
+        config.identity.user_header,
+    }
+    names.update(route.idempotency.header for route in config.routes if route.idempotency)
+    return _MANAGED_HEADERS | {name.lower() for name in names}
 
 
 def new_request_id() -> str:
@@ -110,9 +167,15 @@ class ProxyHandler:
         self.holder = holder
         self.metrics = metrics
         self.log = log
+        # The tasks of requests being handled, for the shutdown deadline to cancel.
+        self.running: set[asyncio.Task[Any]] = set()
 
     async def __call__(self, raw: web.BaseRequest) -> web.StreamResponse:
         started = time.perf_counter()
+        task = asyncio.current_task()
+        assert task is not None
+        running = self.running
+        running.add(task)
         runtime = self.holder.runtime
         incoming_id = raw.headers.get(runtime.request_id_header)
         request_id = incoming_id if valid_request_id(incoming_id) else new_request_id()
@@ -121,7 +184,10 @@ class ProxyHandler:
         target, authority = split if split is not None else (raw.raw_path, None)
         path = target.partition("?")[0]
         route = None
-        if split is not None:
+        refusal = _refusal(raw, runtime)
+        if refusal is not None:
+            raw[_REFUSAL_KEY] = refusal
+        elif split is not None:
             host = authority if authority is not None else raw.headers.get(hdrs.HOST, "")
             route = runtime.routes.match(raw.method, host, path)
         if route is None:
@@ -142,23 +208,55 @@ class ProxyHandler:
         # If our own code fails, aiohttp calls `refuse`, which answers with this same id.
         raw[_REQUEST_ID_KEY] = request_id
         status = 500
+        failure = Failure.INTERNAL
+        response: ProxyResponse | None = None
         try:
             response = await self._run_chain(request, route.chain, metrics)
             status = response.status
+            failure = response.failure.kind if response.failure is not None else Failure.NONE
             response.headers[runtime.request_id_header] = request_id
-            return await self._send(raw, response, request, metrics)
+            sent = await self._send(raw, response, request, metrics)
+            return sent
         except asyncio.CancelledError:
-            status = CLIENT_CLOSED  # the client went away: not a server error
+            # The client went away (not a server error), or the shutdown deadline came.
+            status = CLIENT_CLOSED
+            failure = Failure.SHUTDOWN if self.holder.cancelling else Failure.CLIENT_GONE
             raise
+        except _StreamBroken as broken:
+            failure = broken.kind
+            raise broken.__cause__ from None  # type: ignore[misc]
         finally:
+            running.discard(task)
+            if response is not None:
+                await response.aclose()  # frees the upstream connection, whatever happened
             metrics.in_flight.dec()
             metrics.count_request(raw.method, status)
             duration = time.perf_counter() - started
             metrics.duration.observe(duration)
             if request.finishers is not None:
-                for finish in request.finishers:
-                    finish(status, request.bytes_sent)
+                self._finish(request, response, status, failure, duration)
             self._access(runtime, request, status, duration)
+
+    def _finish(
+        self,
+        request: ProxyRequest,
+        response: ProxyResponse | None,
+        status: int,
+        failure: str,
+        duration: float,
+    ) -> None:
+        assert request.finishers is not None
+        outcome = Outcome(
+            status=status,
+            failure=failure,
+            origin=response.origin if response is not None else Origin.SIDECAR,
+            duration=duration,
+            bytes_in=request.bytes_received,
+            bytes_out=request.bytes_sent,
+            request_sent=request.upstream_sent and failure not in Failure.NOT_SENT,
+        )
+        for finish in request.finishers:
+            finish(outcome)
 
     async def _run_chain(
         self, request: ProxyRequest, chain: Next, metrics: RouteMetrics
@@ -169,7 +267,7 @@ class ProxyHandler:
             # A policy that buffers the body (read_body) found it over the limit.
             return errors.body_too_large(request, exc.limit)
         except ClientStalled as exc:
-            return errors.client_stalled(request, exc.idle)
+            return errors.client_stalled(request, exc.detail)
         failure = response.failure
         if failure is not None:
             metrics.count_upstream_error(failure.kind)
@@ -193,7 +291,7 @@ class ProxyHandler:
         headers[runtime.request_id_header] = request_id
         if authority is not None:
             headers[hdrs.HOST] = authority
-        # The client's own Expect is answered by the sidecar (see upstream._BodyStream).
+        # The client's own Expect is answered by the sidecar (see ProxyRequest.body_chunks).
         headers.popall(hdrs.EXPECT, None)
         peer = raw.remote or ""
         # Several field lines of a list header mean the same as one comma-joined line.
@@ -227,7 +325,8 @@ class ProxyHandler:
     ) -> web.StreamResponse:
         """Write the response to the client (counting body bytes in request.bytes_sent)."""
         if response.websocket is not None:
-            return await response.websocket(raw, response.headers)
+            relay, response.websocket, response.closer = response.websocket, None, None
+            return await relay(raw, response.headers)
         stream = _RelayedResponse(
             status=response.status, reason=response.reason, headers=response.headers
         )
@@ -247,52 +346,33 @@ class ProxyHandler:
             await stream.write_eof(body)
             request.bytes_sent = len(body)
             return stream
-        await self._stream_body(raw, stream, response, request, metrics)
-        return stream
-
-    async def _stream_body(
-        self,
-        raw: web.BaseRequest,
-        stream: web.StreamResponse,
-        response: ProxyResponse,
-        request: ProxyRequest,
-        metrics: RouteMetrics,
-    ) -> None:
-        assert response.body is not None and not isinstance(response.body, bytes)
         await stream.prepare(raw)
         try:
-            async for chunk in response.body:
+            async for chunk in body:
                 await stream.write(chunk)
                 request.bytes_sent += len(chunk)
         except Exception as exc:
-            if not isinstance(exc, ConnectionError):
-                metrics.count_upstream_error("stream")
+            client_gone = isinstance(exc, ConnectionError)
+            if not client_gone:
+                metrics.count_upstream_error(Failure.STREAM)
             # The status line is gone already: cut the connection so the client sees a
             # truncated body, never a short one that looks complete.
             if raw.transport is not None:
                 raw.transport.abort()
-            raise
-        finally:
-            if response.release is not None:
-                response.release()
+            raise _StreamBroken(Failure.CLIENT_GONE if client_gone else Failure.STREAM) from exc
+        return stream
 
     def refuse(self, raw: web.BaseRequest, status: int, exc: BaseException | None) -> web.Response:
         """The answer to a request that never reached a route: unparseable, or our bug."""
-        runtime = self.holder.runtime
         known_id = raw.get(_REQUEST_ID_KEY)
         request_id = known_id if known_id is not None else new_request_id()
-        trace_id = new_trace_id()
         problem = errors.BAD_REQUEST if status < 500 else errors.INTERNAL_ERROR
         detail = (
             "the request is not valid HTTP/1.1"
             if status < 500
             else "an unexpected error in the sidecar; it has been logged"
         )
-        response = errors.problem_response(
-            problem, request_id, detail, status=status, members={"trace_id": trace_id}
-        )
-        response.headers[runtime.request_id_header] = request_id
-        response.headers[runtime.config.tracing.trace_id_header] = trace_id
+        answer, trace_id = self.problem_answer(problem, request_id, detail, status)
         if known_id is None:  # the handler never ran, so never counted this request
             self.metrics.route(UNROUTED).count_request("OTHER", status)
         self.log.event(
@@ -303,10 +383,23 @@ class ProxyHandler:
             request_id=request_id,
             trace_id=trace_id,
         )
-        assert isinstance(response.body, bytes)
-        answer = web.Response(status=status, body=response.body, headers=response.headers)
-        answer.force_close()
         return answer
+
+    def problem_answer(
+        self, problem: Problem, request_id: str, detail: str, status: int | None = None
+    ) -> tuple[web.Response, str]:
+        """A problem answer made outside any chain (with fresh trace id), and that id."""
+        runtime = self.holder.runtime
+        trace_id = new_trace_id()
+        response = errors.problem_response(
+            problem, request_id, detail, status=status, members={"trace_id": trace_id}
+        )
+        response.headers[runtime.request_id_header] = request_id
+        response.headers[runtime.config.tracing.trace_id_header] = trace_id
+        assert isinstance(response.body, bytes)
+        answer = web.Response(status=response.status, body=response.body, headers=response.headers)
+        answer.force_close()
+        return answer, trace_id
 
     def _access(
         self, runtime: Runtime, request: ProxyRequest, status: int, duration: float
@@ -330,22 +423,159 @@ class ProxyHandler:
         )
 
 
+class _StreamBroken(Exception):
+    """The body relay stopped midway (`kind`: stream or client_gone); wraps the cause."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(kind)
+        self.kind = kind
+
+
+def _refusal(raw: web.BaseRequest, runtime: Runtime) -> tuple[Problem, str] | None:
+    """Why a request is refused before routing, if it is: framing the sidecar will not
+    pass on (RFC 9112 §6.1), or a Connection header naming a header it must keep."""
+    headers = raw.headers
+    if hdrs.TRANSFER_ENCODING in headers:
+        codings = [
+            c.strip().lower() for v in headers.getall(hdrs.TRANSFER_ENCODING) for c in v.split(",")
+        ]
+        if codings != [_CHUNKED]:
+            return errors.TRANSFER_CODING_UNSUPPORTED, (
+                "only the chunked transfer coding is supported for request bodies"
+            )
+    if hdrs.CONNECTION in headers:
+        named = connection_tokens(headers) & runtime.protected_headers
+        if named:
+            return errors.BAD_REQUEST, (
+                "the Connection header names headers the sidecar must forward or set: "
+                + ", ".join(sorted(named))
+            )
+    return None
+
+
 class ProxyServer(web.Server):
-    """aiohttp's low-level server, answering what aiohttp itself refuses in our own way."""
+    """aiohttp's low-level server, answering what aiohttp itself refuses in our own way,
+    bounding how long a request head may take and how many connections are open."""
 
     def __init__(self, handler: ProxyHandler, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self.proxy = handler
+        metrics = handler.metrics
+        self.open_connections = metrics.client_connections
+        self.closed_header_timeout = metrics.client_connections_closed.labels("header_timeout")
+        self.closed_over_limit = metrics.client_connections_closed.labels("over_limit")
+
+    @property
+    def settings(self) -> ServerConfig:
+        """The server settings in force now (a reload applies to new connections)."""
+        return self.proxy.holder.runtime.config.server
 
     def __call__(self) -> web.RequestHandler:
         return _ProxyConnection(self, loop=self._loop, **self._kwargs)
 
+    def close_idle(self) -> None:
+        """Close keep-alive connections that wait for a next request (shutdown)."""
+        for connection in list(self.connections):
+            connection.close()
+
+    async def cancel_running(self, deadline: float) -> None:
+        """Let requests under way run until `deadline` (event-loop time), then cancel them."""
+        loop = asyncio.get_running_loop()
+        running = self.proxy.running
+        if running:
+            await asyncio.wait(set(running), timeout=max(deadline - loop.time(), 0.0))
+        if running:
+            self.proxy.holder.cancelling = True
+            still = set(running)
+            for task in still:
+                task.cancel()
+            # Cancelled handlers only run their finally blocks (metrics, finishers): short.
+            await asyncio.wait(still, timeout=1.0)
+        for connection in list(self.connections):
+            connection.force_close()
+
 
 class _ProxyConnection(web.RequestHandler):
-    """One client connection. Requests aiohttp's parser rejects (a malformed request line
-    or header), and any unexpected failure of ours, get a problem+json answer with a
-    request id and a trace id, like every other sidecar error, instead of aiohttp's
-    text/plain page; and nothing of the raw request is logged."""
+    """One client connection.
+
+    Requests aiohttp's parser rejects (a malformed request line or header), and any
+    unexpected failure of ours, get a problem+json answer with a request id and a trace
+    id, like every other sidecar error, instead of aiohttp's text/plain page; and nothing
+    of the raw request is logged. The request head must arrive within `header_timeout`
+    of its first byte (or of the connection opening), so a slowloris connection is closed
+    instead of living as long as the keep-alive timeout.
+    """
+
+    _head_deadline: asyncio.TimerHandle | None = None
+    _head_bytes = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        manager = self._manager
+        assert isinstance(manager, ProxyServer)
+        if len(manager.connections) >= manager.settings.max_connections:
+            manager.closed_over_limit.inc()
+            transport.write(self._over_limit_answer(manager))  # type: ignore[attr-defined]
+            transport.close()
+            return
+        super().connection_made(transport)
+        manager.open_connections.inc()
+        self._await_head(manager)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        manager = self._manager
+        if manager is None:
+            return  # refused in connection_made, or already gone
+        assert isinstance(manager, ProxyServer)
+        manager.open_connections.dec()
+        self._head_arrived()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._head_deadline is None and not self._messages and self._waiter is not None:
+            # The first byte of a next request on a kept-alive connection.
+            manager = self._manager
+            if isinstance(manager, ProxyServer):
+                self._await_head(manager)
+        if data:
+            self._head_bytes = True
+        super().data_received(data)
+        if self._messages:
+            self._head_arrived()
+
+    def _await_head(self, manager: ProxyServer) -> None:
+        self._head_bytes = False
+        timeout = manager.settings.header_timeout
+        self._head_deadline = self._loop.call_later(timeout, self._head_timed_out)
+
+    def _head_arrived(self) -> None:
+        if self._head_deadline is not None:
+            self._head_deadline.cancel()
+            self._head_deadline = None
+
+    def _head_timed_out(self) -> None:
+        self._head_deadline = None
+        manager = self._manager
+        if manager is None or self.transport is None or self._messages:
+            return
+        assert isinstance(manager, ProxyServer)
+        manager.closed_header_timeout.inc()
+        if self._head_bytes:
+            # Part of a request arrived: say why it is refused (RFC 9110 §15.5.9).
+            timeout = manager.settings.header_timeout
+            detail = f"the request head did not arrive within {timeout:g}s"
+            answer, _ = manager.proxy.problem_answer(
+                errors.REQUEST_HEAD_TIMEOUT, new_request_id(), detail
+            )
+            self.transport.write(_serialise(answer))
+        self.force_close()
+        self.transport.close()
+
+    def _over_limit_answer(self, manager: ProxyServer) -> bytes:
+        detail = f"this sidecar already serves {manager.settings.max_connections} connections"
+        answer, _ = manager.proxy.problem_answer(
+            errors.TOO_MANY_CONNECTIONS, new_request_id(), detail
+        )
+        return _serialise(answer)
 
     def handle_error(
         self,
@@ -354,11 +584,22 @@ class _ProxyConnection(web.RequestHandler):
         exc: BaseException | None = None,
         message: str | None = None,
     ) -> web.StreamResponse:
-        if request.writer.output_size > 0:
+        # A `100 Continue` sent for the body is not a response: a 500 can still follow it.
+        interim = len(CONTINUE) if request.get(CONTINUE_SENT) else 0
+        if request.writer.output_size > interim:
             raise ConnectionError("the response has started: the connection is broken")
         manager = self._manager
         assert isinstance(manager, ProxyServer)
         return manager.proxy.refuse(request, status, exc)
+
+
+def _serialise(answer: web.Response) -> bytes:
+    """A complete HTTP/1.1 response, for writing on a connection no request owns."""
+    assert isinstance(answer.body, bytes)
+    lines = [f"HTTP/1.1 {answer.status} {answer.reason}"]
+    lines += [f"{name}: {value}" for name, value in answer.headers.items()]
+    lines += [f"Content-Length: {len(answer.body)}", "Connection: close", "", ""]
+    return "\r\n".join(lines).encode("latin-1") + answer.body
 
 
 async def answer_unrouted(request: ProxyRequest) -> ProxyResponse:
@@ -366,11 +607,20 @@ async def answer_unrouted(request: ProxyRequest) -> ProxyResponse:
     if request.target == "*" and request.method == "OPTIONS":
         # RFC 9110 §9.3.7: OPTIONS * asks about the server itself, which here is the sidecar.
         headers: CIMultiDict[str] = CIMultiDict({"Allow": _SERVER_METHODS})
-        return ProxyResponse(200, headers, b"")
+        return ProxyResponse(200, headers, b"", origin=Origin.SIDECAR)
+    refusal = request.raw.get(_REFUSAL_KEY)
+    if refusal is not None:
+        problem, detail = refusal
+        response = errors.problem_for(problem, request, detail)
+        # The body's framing (or the headers) cannot be trusted: no next request here.
+        response.headers[hdrs.CONNECTION] = "close"
+        return response
     if not request.target.startswith("/"):
         return errors.problem_for(
             errors.BAD_REQUEST, request, detail="the request target must be a path (origin-form)"
         )
+    if path_for_matching(request.path) is None:
+        return errors.problem_for(errors.BAD_REQUEST, request, detail=REFUSED_PATH_DETAIL)
     return errors.problem_for(
         errors.ROUTE_NOT_FOUND, request, detail=f"no route for {request.method} {request.path}"
     )

@@ -64,7 +64,7 @@ class Metrics:
         self.upstream_errors = Counter(
             "sidecar_upstream_errors",
             "Requests the upstream could not answer, by route and kind "
-            "(connect, connect_timeout, timeout, reset, bad_response, stream).",
+            "(connect, connect_timeout, pool, timeout, reset, bad_response, stream).",
             ["route", "kind"],
             registry=r,
         )
@@ -74,6 +74,19 @@ class Metrics:
             ["route"],
             registry=r,
             multiprocess_mode="livesum",
+        )
+        self.client_connections = Gauge(
+            "sidecar_client_connections",
+            "Client connections open on the proxy listener.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.client_connections_closed = Counter(
+            "sidecar_client_connections_closed",
+            "Client connections the sidecar closed on its own, by reason (header_timeout:"
+            " the request head did not arrive in time; over_limit: server.max_connections).",
+            ["reason"],
+            registry=r,
         )
         self.config_reloads = Counter(
             "sidecar_config_reloads",

@@ -7,6 +7,10 @@ What "faithful" means here, and why each setting below exists:
   cookies between users (`DummyCookieJar`) and follows no redirects;
 - one pool per process, whose idle timeout sits below the app server's keep-alive timeout,
   so a pooled connection the app has just closed is never used for a POST.
+
+Slow clients cannot hold upstream connections: a body up to the route's `request_buffer`
+is read completely before a connection is taken (nginx's proxy_request_buffering), and a
+larger one must keep a minimum pace while it streams (ProxyRequest.body_chunks).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -25,8 +30,10 @@ from yarl import URL
 
 from sidecar import errors
 from sidecar.chain import (
+    BodyNotReplayable,
     BodyTooLarge,
     ClientStalled,
+    Failure,
     Next,
     ProxyRequest,
     ProxyResponse,
@@ -65,13 +72,14 @@ def strip_hop_by_hop(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMul
     for name in HOP_BY_HOP:
         if name in out:
             del out[name]
-    for name in _connection_tokens(headers):
+    for name in connection_tokens(headers):
         if name in out:
             del out[name]
     return out
 
 
-def _connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> frozenset[str]:
+def connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> frozenset[str]:
+    """The (lower-case) header names the Connection header lists as hop-by-hop."""
     values = headers.getall(hdrs.CONNECTION, ())
     if not values:
         return frozenset()
@@ -80,37 +88,30 @@ def _connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> fro
 
 @dataclass(slots=True)
 class _BodyStream:
-    """The client's body streamed upstream (see ProxyRequest.body_chunks).
+    """The client's body streamed upstream (see ProxyRequest.stream_body).
 
     The route's response deadline starts when the body has been sent (`on_sent`), as in
     Envoy: a large or slow upload is not a slow app. aiohttp sends the body from a task of
     its own, so why the body stopped is noted here for `forward` to report.
     """
 
-    request: ProxyRequest
-    limit: int
+    chunks: AsyncIterator[bytes]
     on_sent: Callable[[], None]
-    exceeded: bool = False
-    stalled: bool = False
+    fault: BodyTooLarge | ClientStalled | None = None
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         try:
-            async for chunk in self.request.body_chunks(self.limit):
+            async for chunk in self.chunks:
                 yield chunk
-        except BodyTooLarge:
-            self.exceeded = True
-            raise
-        except ClientStalled:
-            self.stalled = True
+        except (BodyTooLarge, ClientStalled) as fault:
+            self.fault = fault
             raise
         self.on_sent()
 
     def raise_client_fault(self) -> None:
         """Re-raise what the client did wrong, if the body stopped because of the client."""
-        if self.exceeded:
-            raise BodyTooLarge(self.limit)
-        if self.stalled:
-            raise ClientStalled(self.request.route.idle_timeout)
+        if self.fault is not None:
+            raise self.fault
 
 
 class _FaithfulClientRequest(aiohttp.ClientRequest):
@@ -127,12 +128,103 @@ class _FaithfulClientRequest(aiohttp.ClientRequest):
             self.headers.popall(hdrs.CONTENT_LENGTH, None)
 
 
-class Forwarder:
-    """The terminal step of every chain: one pooled aiohttp client per process."""
+class ConnectionBudget:
+    """The upstream connections this process may use at once, across config generations.
 
-    def __init__(self, config: UpstreamConfig) -> None:
+    A reload that changes the upstream makes a new pool while the old one still carries
+    requests under way; both draw on this one budget, so together they never exceed
+    `upstream.max_connections`. A slot is held from before a connection is taken until
+    the response is done with (its body relayed or discarded). Waiters are served in order.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_use = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    async def acquire(self) -> None:
+        if self.in_use < self.limit and not self._waiters:
+            self.in_use += 1
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self.release()  # handed a slot just as we gave up: pass it on
+            else:
+                with contextlib.suppress(ValueError):  # release() may have dropped it
+                    self._waiters.remove(waiter)
+            raise
+
+    def release(self) -> None:
+        # A slot passes straight to the next waiter, so a newcomer cannot overtake it.
+        while self._waiters and self.in_use <= self.limit:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self.in_use -= 1
+
+    def resize(self, limit: int) -> None:
+        """A reload changed max_connections: the new limit holds from now on."""
+        self.limit = limit
+        while self._waiters and self.in_use < self.limit:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self.in_use += 1
+                waiter.set_result(None)
+
+
+class _Exchange:
+    """One request on its way through a Forwarder, until its response is done with."""
+
+    __slots__ = ("_forwarder", "client", "upstream")
+
+    def __init__(self, forwarder: Forwarder, client: asyncio.BaseTransport | None) -> None:
+        self._forwarder = forwarder
+        self.client = client
+        self.upstream: aiohttp.ClientResponse | None = None
+
+    def finish(self) -> None:
+        """The response is done with: free its connection and its budget slot (once)."""
+        forwarder = self._forwarder
+        if self not in forwarder._exchanges:
+            return
+        if self.upstream is not None:
+            self.upstream.release()
+        forwarder._exchanges.discard(self)
+        forwarder._budget.release()
+        if not forwarder._exchanges:
+            forwarder._idle.set()
+
+    def cut(self) -> None:
+        """The retired pool's deadline passed: end both connections so neither side hangs."""
+        if self.upstream is not None and self.upstream.connection is not None:
+            transport = self.upstream.connection.transport
+            if transport is not None:
+                transport.abort()
+        if self.client is not None:
+            self.client.abort()  # type: ignore[attr-defined]
+        self.finish()
+
+
+class Forwarder:
+    """The terminal step of every chain: one pooled aiohttp client per process.
+
+    A reload that changes the upstream retires this forwarder (`retire`): it takes no new
+    requests, closes when its last response is done, and at the deadline cuts what is
+    still open, so no stream is left hanging on a closed pool.
+    """
+
+    def __init__(self, config: UpstreamConfig, budget: ConnectionBudget | None = None) -> None:
         self.config = config
         self._origin = f"{config.scheme}://{config.host}:{config.port}{config.base_path}"
+        self._budget = budget if budget is not None else ConnectionBudget(config.max_connections)
+        self._exchanges: set[_Exchange] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
         connector = aiohttp.TCPConnector(
             limit=config.max_connections,
             keepalive_timeout=config.idle_timeout,
@@ -147,6 +239,11 @@ class Forwarder:
             request_class=_FaithfulClientRequest,
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=config.connect_timeout),
         )
+
+    @property
+    def in_flight(self) -> int:
+        """Requests under way on this forwarder (from the first byte to the body's end)."""
+        return len(self._exchanges)
 
     def for_route(self, route: RouteConfig) -> Next:
         """The terminal step of one route's chain, its timeouts made once at config load.
@@ -169,14 +266,37 @@ class Forwarder:
             except BodyTooLarge as exc:
                 return errors.body_too_large(request, exc.limit)
             except ClientStalled as exc:
-                return errors.client_stalled(request, exc.idle)
+                return errors.client_stalled(request, exc.detail)
             except UpstreamFailure as failure:
                 return errors.failure_response(request, failure)
+            except BodyNotReplayable as exc:
+                return errors.problem_for(errors.INTERNAL_ERROR, request, str(exc))
 
         return terminal
 
     async def close(self) -> None:
         await self.session.close()
+
+    async def retire(self, deadline: float) -> None:
+        """Stop pooling; close once the requests under way are done, or cut them at
+        `deadline` (event-loop time) so their clients see the connection end."""
+        self._close_idle_connections()
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(deadline - loop.time(), 0.0)):
+                await self._idle.wait()
+        for exchange in list(self._exchanges):
+            exchange.cut()
+        await self.close()
+
+    def _close_idle_connections(self) -> None:
+        # Idle pooled connections would count against the budget the new pool shares.
+        connector = self.session.connector
+        assert isinstance(connector, aiohttp.TCPConnector)
+        for connections in connector._conns.values():
+            for protocol, _ in connections:
+                protocol.close()
+        connector._conns.clear()
 
     async def forward(
         self, request: ProxyRequest, client_timeout: aiohttp.ClientTimeout
@@ -184,64 +304,85 @@ class Forwarder:
         route = request.route
         if is_websocket_upgrade(request.raw.headers):
             return await connect_websocket(self, request)
-        url = self.upstream_url(request.target)
+        # Before any connection is taken: a small body is read whole, so a slow client
+        # holds nothing upstream while it sends.
+        body = await self._request_body(request)
         loop = asyncio.get_running_loop()
-        deadline = asyncio.Timeout(None)
-
-        def start_deadline() -> None:
-            # The app may have answered (and the deadline been left) before the body ended.
-            with contextlib.suppress(RuntimeError):
-                deadline.reschedule(loop.time() + route.timeout)
-
-        body, stream = self._request_body(request, start_deadline)
-        if stream is None:
-            deadline = asyncio.Timeout(loop.time() + route.timeout)
+        streamed = isinstance(body, _BodyStream)
+        if not streamed and request.deadline is None:
+            request.deadline = loop.time() + route.timeout
+        attempt = _AttemptTimer(request, loop)
+        if isinstance(body, _BodyStream):
+            body.on_sent = attempt.body_sent
+        exchange = _Exchange(self, request.raw.transport)
+        await self._take_slot(request, attempt)
+        self._exchanges.add(exchange)
+        self._idle.clear()
+        request.upstream_sent = True  # from here on the app may see bytes of it
         sent_at = time.perf_counter()
         try:
-            async with deadline:
+            async with attempt.timer:
                 upstream = await self.session.request(
                     request.method,
-                    url,
+                    self.upstream_url(request.target),
                     headers=request.headers,
                     data=body,
+                    # A buffered chunked body is sent chunked still, as the client framed it.
+                    chunked=True if isinstance(body, bytes) and request.chunked else None,
                     allow_redirects=False,
                     timeout=client_timeout,
                 )
-        except aiohttp.ClientError as exc:
-            # Before TimeoutError: aiohttp's socket timeouts are TimeoutErrors too.
-            if stream is not None:
-                stream.raise_client_fault()
-            raise errors.classify_client_error(exc) from None
-        except TimeoutError:
-            if stream is not None:
-                stream.raise_client_fault()
-            raise UpstreamFailure(
-                "timeout",
-                errors.UPSTREAM_TIMEOUT,
-                f"no response from the upstream within {route.timeout:g}s",
-            ) from None
+        except BaseException as exc:
+            exchange.finish()
+            if isinstance(body, _BodyStream):
+                body.raise_client_fault()
+            if isinstance(exc, aiohttp.ClientError):
+                # Before TimeoutError: aiohttp's socket timeouts are TimeoutErrors too.
+                raise errors.classify_client_error(exc) from None
+            if isinstance(exc, TimeoutError):
+                raise attempt.timed_out() from None
+            raise
+        exchange.upstream = upstream
         request.upstream_seconds = time.perf_counter() - sent_at
-        return self._response(request, upstream)
+        return self._response(request, upstream, exchange)
+
+    async def _take_slot(self, request: ProxyRequest, attempt: _AttemptTimer) -> None:
+        """A budget slot, waiting at most until the attempt's deadline (nothing sent yet)."""
+        try:
+            async with asyncio.timeout(attempt.slot_wait()):
+                await self._budget.acquire()
+        except TimeoutError:
+            raise UpstreamFailure(
+                Failure.POOL,
+                errors.UPSTREAM_POOL_EXHAUSTED,
+                f"all {self._budget.limit} upstream connections stayed busy",
+            ) from None
 
     def upstream_url(self, target: str) -> URL:
         return URL(self._origin + target, encoded=True)
 
-    def _request_body(
-        self, request: ProxyRequest, on_sent: Callable[[], None]
-    ) -> tuple[object, _BodyStream | None]:
+    async def _request_body(self, request: ProxyRequest) -> bytes | _BodyStream | None:
         if request.body is not None:
-            return request.body, None
+            return request.body
         raw = request.raw
         if not raw.body_exists:
-            return None, None
-        stream = _BodyStream(request, request.route.max_body, on_sent)
-        return stream, stream
+            return None
+        route = request.route
+        declared = raw.content_length
+        # A declared length over the buffer streams at once; chunked bodies are read up
+        # to the buffer's size and stream on only if they turn out larger.
+        fits = declared is None or declared <= route.request_buffer
+        if fits and await request.buffer_body(route.request_buffer, route.max_body):
+            return request.body
+        return _BodyStream(request.stream_body(route.max_body), on_sent=_nothing)
 
-    def _response(self, request: ProxyRequest, upstream: aiohttp.ClientResponse) -> ProxyResponse:
+    def _response(
+        self, request: ProxyRequest, upstream: aiohttp.ClientResponse, exchange: _Exchange
+    ) -> ProxyResponse:
         headers = strip_hop_by_hop(upstream.headers)
         status = upstream.status
         if request.method == "HEAD" or status in _NO_BODY_STATUSES or status < 200:
-            upstream.release()
+            exchange.finish()
             return ProxyResponse(status, headers, None, upstream.reason)
         content = upstream.content
         if content.is_eof() and hdrs.CONTENT_LENGTH in headers and content.total_bytes <= _WHOLE:
@@ -249,15 +390,59 @@ class Forwarder:
             # client gets headers and body in one write instead of two. Bounded, so large
             # bodies still stream instead of being held in memory per request.
             body = content.read_nowait(-1)
-            upstream.release()
+            exchange.finish()
             return ProxyResponse(status, headers, body, upstream.reason)
         return ProxyResponse(
             status,
             headers,
             _relay_chunks(upstream),
             upstream.reason,
-            release=upstream.release,
+            release=exchange.finish,
         )
+
+
+class _AttemptTimer:
+    """The deadline of one attempt: the request's deadline, or the attempt's own timeout
+    if sooner. For a streamed body it starts once the body has been sent."""
+
+    __slots__ = ("_loop", "_request", "timer")
+
+    def __init__(self, request: ProxyRequest, loop: asyncio.AbstractEventLoop) -> None:
+        self._request = request
+        self._loop = loop
+        self.timer = asyncio.Timeout(self._ends() if request.deadline is not None else None)
+
+    def _ends(self) -> float:
+        request = self._request
+        assert request.deadline is not None
+        if request.attempt_timeout is None:
+            return request.deadline
+        return min(request.deadline, self._loop.time() + request.attempt_timeout)
+
+    def slot_wait(self) -> float:
+        """How long waiting for a connection may take (a streamed body: the route timeout)."""
+        if self._request.deadline is None:
+            return self._request.route.timeout
+        return max(self._ends() - self._loop.time(), 0.0)
+
+    def body_sent(self) -> None:
+        request = self._request
+        if request.deadline is None:
+            request.deadline = self._loop.time() + request.route.timeout
+        # The app may have answered (and the timer been left) before the body ended.
+        with contextlib.suppress(RuntimeError):
+            self.timer.reschedule(self._ends())
+
+    def timed_out(self) -> UpstreamFailure:
+        return UpstreamFailure(
+            Failure.TIMEOUT,
+            errors.UPSTREAM_TIMEOUT,
+            f"no response from the upstream within {self._request.route.timeout:g}s",
+        )
+
+
+def _nothing() -> None:
+    pass
 
 
 async def _relay_chunks(upstream: aiohttp.ClientResponse) -> AsyncIterator[bytes]:

@@ -132,6 +132,8 @@ SERVER: Schema = {
     ),
     "reload_interval": duration(allow_zero=True),
     "ready_requires_state": boolean,
+    "header_timeout": duration(allow_zero=False),
+    "max_connections": integer(minimum=1),
 }
 
 
@@ -326,6 +328,9 @@ ROUTE_POLICIES: Schema = {
     "timeout": duration(allow_zero=False),
     "idle_timeout": duration(allow_zero=False),
     "max_body": size(),
+    "request_buffer": size(),
+    "body_timeout": duration(allow_zero=False),
+    "min_upload_rate": size(),
     "tracing": section(RouteTracing, ROUTE_TRACING),
     "idempotency": section(_idempotency, IDEMPOTENCY, _check_idempotency),
 }

@@ -41,6 +41,11 @@ class ServerConfig:
     reload_interval: float = 1.0
     # Gate /ready on the state backend's health (reported only, by default).
     ready_requires_state: bool = False
+    # The whole request head (request line and headers) must arrive within this long of
+    # its first byte (or of the connection opening); a slowloris connection is then closed.
+    header_timeout: float = 10.0
+    # Client connections open at once per process; one more is answered 503 and closed.
+    max_connections: int = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,10 +195,17 @@ class RouteConfig:
     match: RouteMatch
     # Deadline for the upstream's response headers; past it the client gets 504.
     timeout: float = 15.0
-    # Longest silence allowed between two body chunks of a streamed response.
+    # Longest silence allowed between two body chunks, either way.
     idle_timeout: float = 300.0
     # Largest request body accepted on this route (defaults to server.max_body).
     max_body: int = 10 * 1024 * 1024
+    # Request bodies up to this size are read completely before an upstream connection is
+    # taken (nginx's proxy_request_buffering); larger ones stream (0: always stream).
+    request_buffer: int = 64 * 1024
+    # A request body must arrive within body_timeout, extended by one second per
+    # min_upload_rate bytes received (0 turns the rate rule off; idle_timeout still holds).
+    body_timeout: float = 10.0
+    min_upload_rate: int = 1024
     tracing: RouteTracing = RouteTracing()
     idempotency: IdempotencyConfig | None = None
     # The YAML line the route starts on, for messages.

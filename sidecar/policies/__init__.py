@@ -10,9 +10,9 @@ from __future__ import annotations
 from sidecar.chain import Policy
 from sidecar.config import RouteConfig
 from sidecar.policies import body_limit, idempotency, tracing
-from sidecar.policies.base import PolicyDeps, PolicyFactory
+from sidecar.policies.base import PolicyDeps, PolicyFactory, PolicyState
 
-__all__ = ["CHAIN_ORDER", "PolicyDeps", "PolicyFactory", "build_policies"]
+__all__ = ["CHAIN_ORDER", "PolicyDeps", "PolicyFactory", "PolicyState", "build_policies"]
 
 # Outermost first. Tracing wraps everything so every answer, the sidecar's own included,
 # carries the trace headers; the body limit refuses oversized bodies before any policy

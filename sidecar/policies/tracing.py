@@ -18,7 +18,7 @@ from random import getrandbits
 
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 
-from sidecar.chain import Next, Policy, ProxyRequest, ProxyResponse
+from sidecar.chain import Next, Outcome, Policy, ProxyRequest, ProxyResponse
 from sidecar.config import RouteConfig, TracingConfig
 from sidecar.hosts import host_without_port
 from sidecar.logs import sanitise
@@ -124,8 +124,8 @@ class TracingPolicy:
             assert self._exporter is not None
             parent_span = parent.span_id if parent is not None else None
             request.add_finisher(
-                lambda status, bytes_out: self._export(
-                    request, trace_id, span_id, parent_span, started_ns, status, bytes_out
+                lambda outcome: self._export(
+                    request, trace_id, span_id, parent_span, started_ns, outcome
                 )
             )
         return response
@@ -177,11 +177,11 @@ class TracingPolicy:
         span_id: str,
         parent_span_id: str | None,
         started_ns: int,
-        status: int,
-        bytes_out: int,
+        outcome: Outcome,
     ) -> None:
         assert self._exporter is not None
         raw = request.raw
+        status = outcome.status
         self._exporter.submit(
             SpanRecord(
                 trace_id=trace_id,
@@ -200,8 +200,10 @@ class TracingPolicy:
                     ("server.address", sanitise(host_without_port(raw.host).strip("[]"), 255)),
                     ("client.address", request.client_ip),
                     ("network.protocol.version", f"{raw.version.major}.{raw.version.minor}"),
-                    ("http.request.body.size", raw.content.total_bytes),
-                    ("http.response.body.size", bytes_out),
+                    ("http.request.body.size", outcome.bytes_in),
+                    ("http.response.body.size", outcome.bytes_out),
+                    ("sidecar.failure", outcome.failure),
+                    ("sidecar.origin", outcome.origin.value),
                     ("sidecar.request_id", request.request_id),
                 ),
                 events=tuple(request.span_events or ()),

@@ -16,7 +16,7 @@ EXPECTED: dict[str, list[str]] = {
     "unknown_key.yaml": [
         "FILE:4: server.colour: unknown key 'colour'; expected one of: listen, admin_listen,"
         " max_body, drain, shutdown_grace, workers, keepalive_timeout, trusted_proxies,"
-        " reload_interval, ready_requires_state",
+        " reload_interval, ready_requires_state, header_timeout, max_connections",
     ],
     "typo_suggestion.yaml": [
         "FILE:4: routes[0].maxbody: unknown key 'maxbody'; did you mean 'max_body'?",

@@ -286,7 +286,9 @@ async def test_body_exactly_max_body_is_accepted(raw_upstream: RawUpstream) -> N
     assert raw_upstream.exchanges[0].body == body
 
 
-async def test_chunked_body_over_max_body_is_413_and_not_forwarded_whole() -> None:
+async def test_chunked_body_over_max_body_is_413_before_any_upstream_connection() -> None:
+    # The body is buffered (request_buffer 64 KiB) before a connection is taken, so an
+    # oversized one is refused without the upstream ever seeing a byte of it.
     routes = "routes:\n  - name: small\n    match: {path_prefix: /}\n    max_body: 1KiB\n"
     chunk = b"y" * 512
     framed = b"".join(b"200\r\n%s\r\n" % chunk for _ in range(8)) + b"0\r\n\r\n"
@@ -299,6 +301,35 @@ async def test_chunked_body_over_max_body_is_413_and_not_forwarded_whole() -> No
                     b"POST /up HTTP/1.1\r\nHost: app\r\nConnection: close\r\n"
                     b"Transfer-Encoding: chunked\r\n\r\n" + framed,
                 )
+                problem = assert_problem(response, 413, "body-too-large")
+                assert problem["max_body"] == 1024
+    finally:
+        await upstream.stop()
+    assert upstream.data == [], "the upstream was contacted for a body that was refused"
+
+
+async def test_streamed_chunked_body_over_max_body_is_413_and_not_forwarded_whole() -> None:
+    # With buffering off the body streams; past max_body the upstream request is abandoned.
+    routes = (
+        "routes:\n  - name: small\n    match: {path_prefix: /}\n    max_body: 1KiB\n"
+        "    request_buffer: 0\n"
+    )
+    chunk = b"y" * 512
+    framed = b"".join(b"200\r\n%s\r\n" % chunk for _ in range(8)) + b"0\r\n\r\n"
+    first, rest = framed[:517], framed[517:]  # one whole chunk, then the others
+    upstream = await TapUpstream().start()
+    try:
+        async with asyncio.timeout(TEST_TIMEOUT):
+            async with run_sidecar(sidecar_config(upstream.url, routes)) as sc:
+                async with connection(sc.port) as (reader, writer):
+                    writer.write(
+                        b"POST /up HTTP/1.1\r\nHost: app\r\nConnection: close\r\n"
+                        b"Transfer-Encoding: chunked\r\n\r\n" + first
+                    )
+                    # The body streams: the upstream sees its start before the rest exists.
+                    await wait_until(lambda: any(b"y" * 512 in data for data in upstream.data))
+                    writer.write(rest)
+                    response = await read_response(reader)
                 problem = assert_problem(response, 413, "body-too-large")
                 assert problem["max_body"] == 1024
                 # The upstream request is abandoned: its connection is closed.

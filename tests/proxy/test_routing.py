@@ -390,14 +390,11 @@ async def test_ambiguous_or_invalid_paths_never_reach_the_app(
         async with run_sidecar(sidecar_config(raw_upstream.url, GUARDED)) as sc:
             response, record = await send(sc, "POST", target, Idempotency_Key="k-1")
     # 400 once the handler answers refused paths (see RouteTable.match); 404 until then.
-    assert response.status in (400, 404)
+    assert response.status == 400
     assert record["route"] == "unmatched"
     assert raw_upstream.exchanges == []
 
 
-@pytest.mark.xfail(
-    strict=True, reason="the handler does not yet turn a refused path into 400 (RouteTable.match)"
-)
 @pytest.mark.parametrize("target", REFUSED_TARGETS)
 async def test_ambiguous_or_invalid_paths_are_400(raw_upstream: RawUpstream, target: str) -> None:
     async with asyncio.timeout(TEST_TIMEOUT):

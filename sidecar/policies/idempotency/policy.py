@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import AsyncIterator
 from email.utils import formatdate
 from random import getrandbits
 
@@ -34,10 +33,12 @@ from sidecar.chain import (
     BodyTooLarge,
     ClientStalled,
     Next,
+    Origin,
     Policy,
     ProxyRequest,
     ProxyResponse,
     UpstreamFailure,
+    chain_chunks,
 )
 from sidecar.config import IdempotencyConfig, RouteConfig
 from sidecar.policies.base import PolicyDeps
@@ -61,8 +62,6 @@ REPLAYED = "Idempotent-Replayed"
 EXPIRES = "Idempotency-Expires"
 # Statuses a retry may repeat: the request was refused, not acted upon.
 _RETRYABLE_STATUSES = frozenset({408, 425, 429})
-# Nothing reached the app: a retry can safely run it.
-_NOT_SENT = frozenset({"connect", "connect_timeout"})
 _FINISH_ATTEMPTS = 3
 _WAIT_FIRST_POLL = 0.05
 _WAIT_LONGEST_POLL = 0.5
@@ -121,7 +120,7 @@ class IdempotencyPolicy:
         except BodyTooLarge as exc:
             return errors.body_too_large(request, exc.limit)
         except ClientStalled as exc:
-            return errors.client_stalled(request, exc.idle)
+            return errors.client_stalled(request, exc.detail)
         raw_headers = request.raw.headers
         claim = _Claim(
             record=record_key(
@@ -245,7 +244,7 @@ class IdempotencyPolicy:
         headers: CIMultiDict[str] = CIMultiDict(decode_headers(found.headers))
         headers[REPLAYED] = "true"
         headers[EXPIRES] = _http_date(found.expires_ms)
-        return ProxyResponse(found.status, headers, found.body, local=True)
+        return ProxyResponse(found.status, headers, found.body, origin=Origin.REPLAY)
 
     # -- the one execution -----------------------------------------------------------
 
@@ -289,7 +288,7 @@ class IdempotencyPolicy:
         """Decide what the record becomes, from what the app answered."""
         failure = response.failure
         if failure is not None:
-            if failure.kind in _NOT_SENT:
+            if not failure.request_sent:
                 self._release(claim)
             # Otherwise the outcome is unknown (the app may have acted): the claim stays
             # until its lease runs out, so retries get 409 rather than a second execution.
@@ -342,7 +341,7 @@ class IdempotencyPolicy:
             chunks.append(chunk)
             size += len(chunk)
             if size > limit:
-                response.body = _chain_chunks(chunks, iterator)
+                response.body = chain_chunks(chunks, iterator)
                 return None
         if response.release is not None:
             response.release()
@@ -414,13 +413,6 @@ class _Claim:
         self.record = record
         self.token = token
         self.fingerprint = fingerprint
-
-
-async def _chain_chunks(first: list[bytes], rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    for chunk in first:
-        yield chunk
-    async for chunk in rest:
-        yield chunk
 
 
 def _discard_response(run: asyncio.Task[ProxyResponse]) -> None:

@@ -156,6 +156,9 @@ UPSTREAM: Schema = {
     "idle_timeout": duration(allow_zero=False),
     "health_path": optional(_path),
     "websocket_max_message": size(minimum=1),
+    "websocket_idle_timeout": duration(allow_zero=True),
+    "websocket_heartbeat": duration(allow_zero=True),
+    "websocket_pong_timeout": duration(allow_zero=False),
 }
 
 STATE: Schema = {

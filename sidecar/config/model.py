@@ -65,6 +65,13 @@ class UpstreamConfig:
     health_path: str | None = None
     # Largest WebSocket message relayed (aiohttp's default is 4 MiB on both sides).
     websocket_max_message: int = 4 * 1024 * 1024
+    # A WebSocket session with no frame either way for this long is closed, 1001 both ways
+    # (0: never); the sidecar's own heartbeat pings and pongs do not count as frames.
+    websocket_idle_timeout: float = 300.0
+    # The sidecar pings a client silent for this long (0: no heartbeat), and closes the
+    # session if the pong has not come back within websocket_pong_timeout.
+    websocket_heartbeat: float = 30.0
+    websocket_pong_timeout: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)

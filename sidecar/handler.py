@@ -508,12 +508,14 @@ class _ProxyConnection(web.RequestHandler):
 
     _head_deadline: asyncio.TimerHandle | None = None
     _head_bytes = False
+    _refused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         manager = self._manager
         assert isinstance(manager, ProxyServer)
         if len(manager.connections) >= manager.settings.max_connections:
             manager.closed_over_limit.inc()
+            self._refused = True
             transport.write(self._over_limit_answer(manager))  # type: ignore[attr-defined]
             transport.close()
             return
@@ -523,8 +525,8 @@ class _ProxyConnection(web.RequestHandler):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         manager = self._manager
-        if manager is None:
-            return  # refused in connection_made, or already gone
+        if manager is None or self._refused:
+            return  # refused in connection_made (never counted), or already gone
         assert isinstance(manager, ProxyServer)
         manager.open_connections.dec()
         self._head_arrived()

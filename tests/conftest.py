@@ -15,7 +15,7 @@ def redis_server() -> Iterator[RedisServer]:
     """A redis-server on a free 127.0.0.1 port for the whole session.
 
     Has `.url`, `.port`, `.pid`, `.unix_socket`, and `stop()` / `start()` for "Redis down"
-    tests (same port, PING-ready when start() returns). Skips if redis-server is missing.
+    tests (same port, PING-ready when start() returns). Fails if redis-server is missing.
     """
     yield from redis_server_session()
 

@@ -146,7 +146,8 @@ class RedisServer:
 def redis_executable() -> str:
     executable = shutil.which("redis-server")
     if executable is None:
-        pytest.skip("redis-server is not on PATH (install the redis-server package to run)")
+        # A failure, not a skip: skipped Redis tests would let a run without them look green.
+        pytest.fail("redis-server is not on PATH: scripts/test installs it (Debian redis-server)")
     return executable
 
 

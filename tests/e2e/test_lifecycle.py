@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support import SidecarProcess, app_with, free_port, run_app, write_config
 
+IN_FLIGHT = "sidecar_in_flight_requests"
 ROUTE_A_ONLY = "routes:\n  - name: a\n    match: {path_prefix: /a}\n"
 CATCH_ALL = ROUTE_A_ONLY + "  - name: rest\n    match: {path_prefix: /}\n"
 
@@ -73,11 +74,15 @@ async def test_sigterm_drains_then_finishes_in_flight_requests_and_exits_zero(
     tmp_path: Path, upstream: tuple[str, asyncio.Event]
 ) -> None:
     url, release = upstream
-    proc = await start_process(tmp_path, url, server={"drain": "1s", "shutdown_grace": "10s"})
+    proc = await start_process(tmp_path, url, server={"drain": "3s", "shutdown_grace": "10s"})
     try:
         async with aiohttp.ClientSession() as session:
             await proc.wait_admin("/ready", 200)
             slow = asyncio.create_task(session.get(proc.url + "/slow"))
+            # SIGTERM only once the sidecar has the request in flight.
+            async with asyncio.timeout(10):
+                while await metric_value(session, proc.admin_url, IN_FLIGHT) < 1:
+                    await asyncio.sleep(0.02)
             proc.signal(signal.SIGTERM)
             # Readiness fails at once, while traffic is still served (with Connection: close).
             await proc.wait_admin("/ready", 503, timeout=2)

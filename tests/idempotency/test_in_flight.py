@@ -102,8 +102,15 @@ async def test_the_owner_renews_its_lease_while_the_app_runs(make_env: EnvFactor
         env = await make_env("{lease: 600ms}")
         first = asyncio.create_task(env.send("/slow", key="long"))
         await env.wait_executions(1)
+        claimed_at = time.monotonic()
+
+        async def renewed_for_twice_the_lease() -> bool:
+            # The owner renews every lease/3 (200 ms): 6 renewals are 1.2 s at least.
+            renewals = await env.store_calls("idempotency_renew")
+            return renewals >= 6 and time.monotonic() - claimed_at >= 1.2
+
         # Outlive the lease twice over; the owner's renewals keep the claim alive.
-        await asyncio.sleep(1.2)
+        await eventually(renewed_for_twice_the_lease, "six renewals of the claim")
         retry = await env.send("/slow", key="long")
         assert retry.status == 409
         assert retry.problem == "idempotency-in-progress"
@@ -298,12 +305,10 @@ async def test_client_leaving_while_its_claim_is_on_the_way_gives_the_claim_back
         finally:
             os.kill(server.pid, signal.SIGCONT)
 
-        # Bounded poll for the claim to be given back (b"p" gone, only "warm" left).
-        for _ in range(200):
-            if await env.records.states() == [b"c"]:
-                break
-            await asyncio.sleep(0.01)
-        assert await env.records.states() == [b"c"]
+        async def claim_given_back() -> bool:
+            return await env.records.states() == [b"c"]  # b"p" gone, only "warm" left
+
+        await eventually(claim_given_back, "the claim to be given back")
         retry = await env.send(key="left")
         assert (retry.status, retry.replayed, retry.n) == (201, "false", 2)
         assert env.upstream.executions == 2

@@ -185,12 +185,15 @@ def _attributes(items: Any) -> dict[str, object]:
 class OtlpCollector:
     """A real OTLP/HTTP traces receiver: decodes each POST with ExportTraceServiceRequest.
 
-    With `hang`, every POST waits on `release` (set only at teardown): a stuck collector.
+    With `hang`, every POST waits on `release` (set at teardown, or by the test) before it
+    is answered: a stuck collector. Its body is read and decoded first, so `batches` (spans
+    per POST) counts hung POSTs too; `spans` holds only those of answered ones.
     """
 
     hang: bool = False
     url: str = ""
     spans: list[ReceivedSpan] = field(default_factory=list)
+    batches: list[int] = field(default_factory=list)
     content_types: list[str] = field(default_factory=list)
     posts: int = 0
     release: asyncio.Event = field(default_factory=asyncio.Event)
@@ -203,13 +206,18 @@ class OtlpCollector:
 
     async def _handle(self, request: web.Request) -> web.Response:
         self.posts += 1
+        self.content_types.append(request.headers.get("Content-Type", ""))
+        message = None
+        if request.content_type == "application/x-protobuf":
+            message = ExportTraceServiceRequest.FromString(await request.read())
+            self.batches.append(
+                sum(len(s.spans) for r in message.resource_spans for s in r.scope_spans)
+            )
         self._changed.set()
         if self.hang:
             await self.release.wait()
-        self.content_types.append(request.headers.get("Content-Type", ""))
-        if request.content_type != "application/x-protobuf":
+        if message is None:
             return web.Response(status=415)
-        message = ExportTraceServiceRequest.FromString(await request.read())
         for resource_spans in message.resource_spans:
             for scope_spans in resource_spans.scope_spans:
                 for span in scope_spans.spans:

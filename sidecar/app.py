@@ -268,6 +268,15 @@ class Sidecar:
             self._listener.close()
         self.listening = False
         self.log.event("sidecar.stopping", grace_seconds=server_config.shutdown_grace)
+        # WebSocket sessions never end by themselves: 1001 both ways now, not at the deadline.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(deadline - loop.time(), 0.0)):
+                await asyncio.gather(
+                    *(
+                        forwarder.websockets.close()
+                        for forwarder in (*self._retired, self.forwarder)
+                    )
+                )
         if self._proxy_server is not None:
             self._proxy_server.close_idle()
             await self._proxy_server.cancel_running(deadline)

@@ -34,6 +34,7 @@ from sidecar.chain import (
 from sidecar.config import ServerConfig, SidecarConfig
 from sidecar.logs import AccessLog, LogSink
 from sidecar.metrics import Metrics, RouteMetrics
+from sidecar.relaying import connection_tokens, strip_hop_by_hop
 from sidecar.routing import (
     REFUSED_PATH_DETAIL,
     UNROUTED,
@@ -42,7 +43,6 @@ from sidecar.routing import (
     path_for_matching,
 )
 from sidecar.tracecontext import new_trace_id
-from sidecar.upstream import connection_tokens, strip_hop_by_hop
 
 # RFC 9110 §9.3.7: OPTIONS * asks about the server itself, which here is the sidecar.
 _SERVER_METHODS = "GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS"

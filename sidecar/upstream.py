@@ -25,7 +25,6 @@ from typing import Any
 
 import aiohttp
 from aiohttp import hdrs
-from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from sidecar import errors
@@ -40,50 +39,11 @@ from sidecar.chain import (
     UpstreamFailure,
 )
 from sidecar.config import RouteConfig, UpstreamConfig
-from sidecar.websocket import connect_websocket, is_websocket_upgrade
+from sidecar.relaying import app_response
+from sidecar.websocket import WebSocketRelay, is_websocket_upgrade
 
-# RFC 9110 §7.6.1 plus the de-facto Proxy-Connection; every header named in Connection too.
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    }
-)
 # aiohttp's client would otherwise invent these for every request.
 _SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
-# Bodies up to this size that arrived with their headers are relayed in one write.
-_WHOLE = 64 * 1024
-# Statuses whose responses never carry a body (RFC 9110 §6.4.1).
-_NO_BODY_STATUSES = frozenset({204, 304})
-
-
-def strip_hop_by_hop(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDict[str]:
-    """Copy headers in order, keeping repeats, without hop-by-hop ones (RFC 9110 §7.6.1)."""
-    # Copy in C, then delete the few hop-by-hop names present: far cheaper than a
-    # Python loop over every header (this runs twice per request).
-    out: CIMultiDict[str] = CIMultiDict(headers)
-    for name in HOP_BY_HOP:
-        if name in out:
-            del out[name]
-    for name in connection_tokens(headers):
-        if name in out:
-            del out[name]
-    return out
-
-
-def connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> frozenset[str]:
-    """The (lower-case) header names the Connection header lists as hop-by-hop."""
-    values = headers.getall(hdrs.CONNECTION, ())
-    if not values:
-        return frozenset()
-    return frozenset(t.strip().lower() for v in values for t in v.split(",") if t.strip())
 
 
 @dataclass(slots=True)
@@ -239,6 +199,8 @@ class Forwarder:
             request_class=_FaithfulClientRequest,
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=config.connect_timeout),
         )
+        # WebSocket sessions have connections of their own, never the request pool's.
+        self.websockets = WebSocketRelay(config)
 
     @property
     def in_flight(self) -> int:
@@ -275,6 +237,7 @@ class Forwarder:
         return terminal
 
     async def close(self) -> None:
+        await self.websockets.close()
         await self.session.close()
 
     async def retire(self, deadline: float) -> None:
@@ -303,7 +266,7 @@ class Forwarder:
     ) -> ProxyResponse:
         route = request.route
         if is_websocket_upgrade(request.raw.headers):
-            return await connect_websocket(self, request)
+            return await self.websockets.connect(request)
         # Before any connection is taken: a small body is read whole, so a slow client
         # holds nothing upstream while it sends.
         body = await self._request_body(request)
@@ -344,7 +307,7 @@ class Forwarder:
             raise
         exchange.upstream = upstream
         request.upstream_seconds = time.perf_counter() - sent_at
-        return self._response(request, upstream, exchange)
+        return app_response(request.method, upstream, exchange.finish)
 
     async def _take_slot(self, request: ProxyRequest, attempt: _AttemptTimer) -> None:
         """A budget slot, waiting at most until the attempt's deadline (nothing sent yet)."""
@@ -375,30 +338,6 @@ class Forwarder:
         if fits and await request.buffer_body(route.request_buffer, route.max_body):
             return request.body
         return _BodyStream(request.stream_body(route.max_body), on_sent=_nothing)
-
-    def _response(
-        self, request: ProxyRequest, upstream: aiohttp.ClientResponse, exchange: _Exchange
-    ) -> ProxyResponse:
-        headers = strip_hop_by_hop(upstream.headers)
-        status = upstream.status
-        if request.method == "HEAD" or status in _NO_BODY_STATUSES or status < 200:
-            exchange.finish()
-            return ProxyResponse(status, headers, None, upstream.reason)
-        content = upstream.content
-        if content.is_eof() and hdrs.CONTENT_LENGTH in headers and content.total_bytes <= _WHOLE:
-            # The whole (small) body came with the headers: relay it as one buffer, so the
-            # client gets headers and body in one write instead of two. Bounded, so large
-            # bodies still stream instead of being held in memory per request.
-            body = content.read_nowait(-1)
-            exchange.finish()
-            return ProxyResponse(status, headers, body, upstream.reason)
-        return ProxyResponse(
-            status,
-            headers,
-            _relay_chunks(upstream),
-            upstream.reason,
-            release=exchange.finish,
-        )
 
 
 class _AttemptTimer:
@@ -443,10 +382,3 @@ class _AttemptTimer:
 
 def _nothing() -> None:
     pass
-
-
-async def _relay_chunks(upstream: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
-    # iter_any hands over whatever has arrived, so server-sent events reach the client
-    # as each event is written, not when some buffer fills.
-    async for chunk in upstream.content.iter_any():
-        yield chunk

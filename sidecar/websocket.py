@@ -27,10 +27,9 @@ import hashlib
 import math
 import os
 import time
-import weakref
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from functools import partial
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import aiohttp
 from aiohttp import WSCloseCode, WSMsgType, hdrs, web
@@ -42,25 +41,12 @@ from yarl import URL
 from sidecar import errors
 from sidecar.chain import Failure, ProxyRequest, ProxyResponse, UpstreamFailure
 from sidecar.config import UpstreamConfig
+from sidecar.relaying import app_response, connection_tokens, strip_hop_by_hop
 
 Headers = CIMultiDictProxy[str] | CIMultiDict[str]
 ClientSide = web.WebSocketResponse[Literal[False]]
 AppSide = aiohttp.ClientWebSocketResponse[Literal[False]]
 
-# RFC 9110 §7.6.1 plus the de-facto Proxy-Connection; every header named in Connection too.
-_HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    }
-)
 # The client's handshake headers the sidecar replaces with its own for the app's hop (the
 # client's subprotocol offer goes on as it is; no extension is offered, see the module doc).
 _CLIENT_HANDSHAKE = (
@@ -79,9 +65,6 @@ _APP_HANDSHAKE = (
 _VERSIONS = frozenset({"13", "8", "7"})  # what aiohttp's server accepts from a client
 # aiohttp's client would otherwise invent these for every request.
 _SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
-# A refusal body up to this size that arrived with its headers is relayed in one write.
-_WHOLE = 64 * 1024
-_NO_BODY_STATUSES = frozenset({204, 304})
 # How long one side's close handshake may take (its reply to our close frame); the whole
 # close of a session is bounded by twice this, then both connections are cut.
 CLOSE_TIMEOUT = 5.0
@@ -96,7 +79,7 @@ def is_websocket_upgrade(headers: Headers) -> bool:
     upgrade = headers.get(hdrs.UPGRADE)
     if upgrade is None or upgrade.strip().lower() != "websocket":
         return False
-    return "upgrade" in _connection_tokens(headers)
+    return "upgrade" in connection_tokens(headers)
 
 
 class WebSocketRelay:
@@ -186,7 +169,8 @@ class WebSocketRelay:
             return errors.failure_response(request, failure)
         request.upstream_seconds = time.perf_counter() - sent_at
         if upstream.status != 101:
-            return _refusal(request, upstream)
+            # The app did not upgrade: its answer goes to the client like any other.
+            return app_response(request.method, upstream, upstream.release)
         offered = _protocols(request.headers)
         problem = _invalid_101(upstream.headers, key, offered)
         if problem is not None:
@@ -605,7 +589,7 @@ def _invalid_101(headers: Headers, key: str, offered: list[str]) -> str | None:
     """Why the app's 101 is not a valid WebSocket handshake (RFC 6455 §4.1), or None."""
     if headers.get(hdrs.UPGRADE, "").strip().lower() != "websocket":
         return "the upstream's 101 does not upgrade to websocket"
-    if "upgrade" not in _connection_tokens(headers):
+    if "upgrade" not in connection_tokens(headers):
         return "the upstream's 101 lacks Connection: upgrade"
     expected = base64.b64encode(hashlib.sha1(key.encode() + WS_KEY).digest()).decode()
     if headers.get(hdrs.SEC_WEBSOCKET_ACCEPT, "").strip() != expected:
@@ -627,66 +611,8 @@ def _protocols(headers: Headers) -> list[str]:
     ]
 
 
-def _connection_tokens(headers: Headers) -> frozenset[str]:
-    return frozenset(
-        token.strip().lower()
-        for value in headers.getall(hdrs.CONNECTION, ())
-        for token in value.split(",")
-        if token.strip()
-    )
-
-
-def _end_to_end(headers: Headers) -> CIMultiDict[str]:
-    """The headers without hop-by-hop ones (RFC 9110 §7.6.1), in order, repeats kept."""
-    out = CIMultiDict(headers)
-    for name in (*_HOP_BY_HOP, *_connection_tokens(headers)):
-        out.popall(name, None)
-    return out
-
-
 def _relayed_101_headers(headers: Headers) -> CIMultiDict[str]:
-    out = _end_to_end(headers)
+    out = strip_hop_by_hop(headers)
     for name in _APP_HANDSHAKE:
         out.popall(name, None)
     return out
-
-
-def _refusal(request: ProxyRequest, upstream: aiohttp.ClientResponse) -> ProxyResponse:
-    """The app did not upgrade: its answer goes to the client like any other response."""
-    headers = _end_to_end(upstream.headers)
-    status = upstream.status
-    if request.method == "HEAD" or status in _NO_BODY_STATUSES or status < 200:
-        upstream.release()
-        return ProxyResponse(status, headers, None, upstream.reason)
-    content = upstream.content
-    if content.is_eof() and hdrs.CONTENT_LENGTH in headers and content.total_bytes <= _WHOLE:
-        body = content.read_nowait(-1)
-        upstream.release()
-        return ProxyResponse(status, headers, body, upstream.reason)
-    return ProxyResponse(
-        status, headers, _chunks(upstream), upstream.reason, release=upstream.release
-    )
-
-
-async def _chunks(upstream: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
-    async for chunk in upstream.content.iter_any():
-        yield chunk
-
-
-# --- transitional: until the forwarder holds a WebSocketRelay of its own ------------------
-
-
-class _HasUpstreamConfig(Protocol):
-    config: UpstreamConfig
-
-
-_TRANSITIONAL: weakref.WeakKeyDictionary[Any, WebSocketRelay] = weakref.WeakKeyDictionary()
-
-
-async def connect_websocket(forwarder: _HasUpstreamConfig, request: ProxyRequest) -> ProxyResponse:
-    """Transitional (remove once upstream.py calls `WebSocketRelay.connect`): a relay per
-    forwarder, with its own connections; nothing closes it but the process ending."""
-    relay = _TRANSITIONAL.get(forwarder)
-    if relay is None:
-        relay = _TRANSITIONAL[forwarder] = WebSocketRelay(forwarder.config)
-    return await relay.connect(request)

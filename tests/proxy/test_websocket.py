@@ -255,11 +255,6 @@ async def test_handshake_forwards_end_to_end_headers() -> None:
     assert len(seen["sec-websocket-key"]) == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="until Sidecar.shutdown closes the forwarders' WebSocketRelay before it waits for"
-    " in-flight handlers (remove this mark then)",
-)
 async def test_shutdown_ends_live_sessions_at_once_with_going_away() -> None:
     # A grace far longer than the test may take: sessions must not wait it out.
     state = WsApp()

@@ -1,0 +1,82 @@
+"""What the forwarder and the WebSocket relay share: hop-by-hop headers (RFC 9110 §7.6.1)
+and turning an app's answer into a ProxyResponse, relayed byte for byte."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+
+import aiohttp
+from aiohttp import hdrs
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from sidecar.chain import ProxyResponse
+
+# RFC 9110 §7.6.1 plus the de-facto Proxy-Connection; every header named in Connection too.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# Bodies up to this size that arrived with their headers are relayed in one write.
+WHOLE = 64 * 1024
+# Statuses whose responses never carry a body (RFC 9110 §6.4.1).
+NO_BODY_STATUSES = frozenset({204, 304})
+
+Headers = CIMultiDictProxy[str] | CIMultiDict[str]
+
+
+def strip_hop_by_hop(headers: Headers) -> CIMultiDict[str]:
+    """Copy headers in order, keeping repeats, without hop-by-hop ones (RFC 9110 §7.6.1)."""
+    # Copy in C, then delete the few hop-by-hop names present: far cheaper than a
+    # Python loop over every header (this runs twice per request).
+    out: CIMultiDict[str] = CIMultiDict(headers)
+    for name in HOP_BY_HOP:
+        if name in out:
+            del out[name]
+    for name in connection_tokens(headers):
+        if name in out:
+            del out[name]
+    return out
+
+
+def connection_tokens(headers: Headers) -> frozenset[str]:
+    """The (lower-case) header names the Connection header lists as hop-by-hop."""
+    values = headers.getall(hdrs.CONNECTION, ())
+    if not values:
+        return frozenset()
+    return frozenset(t.strip().lower() for v in values for t in v.split(",") if t.strip())
+
+
+def app_response(
+    method: str, upstream: aiohttp.ClientResponse, release: Callable[[], None]
+) -> ProxyResponse:
+    """The app's answer as it arrived: no body (HEAD, 204, 304, 1xx), a small body that
+    came whole with its headers (relayed in one write), or a body streamed as it arrives.
+    `release` frees the connection once the body is done with (at once when bodiless)."""
+    headers = strip_hop_by_hop(upstream.headers)
+    status = upstream.status
+    if method == "HEAD" or status in NO_BODY_STATUSES or status < 200:
+        release()
+        return ProxyResponse(status, headers, None, upstream.reason)
+    content = upstream.content
+    if content.is_eof() and hdrs.CONTENT_LENGTH in headers and content.total_bytes <= WHOLE:
+        # Bounded, so large bodies still stream instead of being held in memory per request.
+        body = content.read_nowait(-1)
+        release()
+        return ProxyResponse(status, headers, body, upstream.reason)
+    return ProxyResponse(status, headers, _chunks(upstream), upstream.reason, release=release)
+
+
+async def _chunks(upstream: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    # iter_any hands over whatever has arrived, so server-sent events reach the client
+    # as each event is written, not when some buffer fills.
+    async for chunk in upstream.content.iter_any():
+        yield chunk

@@ -43,7 +43,8 @@ from sidecar.spans import SpanExporter
 from sidecar.store import StateStore, check_state_config, open_store
 from sidecar.upstream import ConnectionBudget, Forwarder
 
-# Store writes that outlived their requests get at least this long at shutdown.
+# After the requests' deadline: the last steps of cancelled requests and store writes that
+# outlived their requests (idempotency outcomes) finish within this window.
 _LAST_WRITES_SECONDS = 1.0
 
 
@@ -257,7 +258,9 @@ class Sidecar:
         One deadline for the requests: `shutdown_grace` after the drain, then whatever
         still runs is cancelled (aiohttp's own shutdown would wait the grace twice). Store
         writes that outlived their requests (idempotency outcomes) get what is left of it,
-        and at least a second; so the whole stop takes at most drain + shutdown_grace + 1 s.
+        and at least the second after it, which also covers the cancelled requests' last
+        steps; so the stop takes at most drain + shutdown_grace + 1 s (plus the span
+        exporter's final flush, bounded by tracing.export.timeout, when spans are exported).
         """
         loop = asyncio.get_running_loop()
         server_config = self.holder.runtime.config.server
@@ -279,7 +282,7 @@ class Sidecar:
                 )
         if self._proxy_server is not None:
             self._proxy_server.close_idle()
-            await self._proxy_server.cancel_running(deadline)
+            await self._proxy_server.cancel_running(deadline, deadline + _LAST_WRITES_SECONDS / 2)
         retired = set(self._retired)  # their retiring tasks end below; they close here
         for task in list(self._tasks):
             task.cancel()
@@ -287,7 +290,7 @@ class Sidecar:
                 await task
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
-        await self.background.drain(max(deadline - loop.time(), _LAST_WRITES_SECONDS))
+        await self.background.drain(max(deadline + _LAST_WRITES_SECONDS - loop.time(), 0.1))
         for forwarder in (*retired, self.forwarder):
             await forwarder.close()
         await self.store.close()

@@ -478,8 +478,9 @@ class ProxyServer(web.Server):
         for connection in list(self.connections):
             connection.close()
 
-    async def cancel_running(self, deadline: float) -> None:
-        """Let requests under way run until `deadline` (event-loop time), then cancel them."""
+    async def cancel_running(self, deadline: float, cancelled_by: float) -> None:
+        """Let requests under way run until `deadline` (event-loop time), then cancel them,
+        waiting until `cancelled_by` at most for their last steps (metrics, finishers)."""
         loop = asyncio.get_running_loop()
         running = self.proxy.running
         if running:
@@ -489,8 +490,7 @@ class ProxyServer(web.Server):
             still = set(running)
             for task in still:
                 task.cancel()
-            # Cancelled handlers only run their finally blocks (metrics, finishers): short.
-            await asyncio.wait(still, timeout=1.0)
+            await asyncio.wait(still, timeout=max(cancelled_by - loop.time(), 0.0))
         for connection in list(self.connections):
             connection.force_close()
 

@@ -24,11 +24,12 @@ SLACK = 0.8
 
 async def test_a_request_that_never_ends_is_cancelled_at_one_deadline(tmp_path: Path) -> None:
     arrived = asyncio.Event()
+    released = asyncio.Event()
 
     async def stalled(request: web.Request) -> web.Response:
         arrived.set()
-        await asyncio.Event().wait()  # never answers
-        raise AssertionError("unreachable")
+        await released.wait()  # not before the sidecar has exited
+        return web.Response(text="too late")
 
     async with run_app(app_with({"/{tail:.*}": stalled})) as url:
         proc = await start_process(
@@ -50,6 +51,7 @@ async def test_a_request_that_never_ends_is_cancelled_at_one_deadline(tmp_path: 
             elapsed = time.monotonic() - signalled
             writer.close()
         finally:
+            released.set()
             await proc.stop()
     assert code == 0
     # The request had its whole grace, and not a second one.

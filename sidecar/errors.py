@@ -66,9 +66,6 @@ IDEMPOTENCY_NOT_REPLAYABLE = Problem(
 IDEMPOTENCY_UNAVAILABLE = Problem(
     "idempotency-unavailable", 503, "Idempotency records are unavailable; retry later"
 )
-WEBSOCKET_FAILED = Problem(
-    "websocket-upgrade-failed", 502, "The upstream application refused the WebSocket upgrade"
-)
 
 CATALOGUE: tuple[Problem, ...] = (
     BAD_REQUEST,
@@ -91,7 +88,6 @@ CATALOGUE: tuple[Problem, ...] = (
     IDEMPOTENCY_IN_PROGRESS,
     IDEMPOTENCY_NOT_REPLAYABLE,
     IDEMPOTENCY_UNAVAILABLE,
-    WEBSOCKET_FAILED,
 )
 
 

@@ -343,8 +343,9 @@ def problem_table() -> dict[str, dict[str, str]]:
     return rows
 
 
-# The code always sends these with another party's status (the app's refusal of an upgrade).
-STATUS_FROM_THE_APP = {"websocket-upgrade-failed"}
+# The code always sends these with another party's status (none at the moment: a refused
+# WebSocket upgrade is relayed as the app's own answer).
+STATUS_FROM_THE_APP: set[str] = set()
 
 
 def test_the_error_catalogue_documents_exactly_the_problem_types() -> None:

@@ -305,7 +305,10 @@ class Sidecar:
     async def _watch_config(self) -> None:
         path = self.config_path
         interval = self.holder.runtime.config.server.reload_interval
-        stamp = FileStamp.of(path) if path else None
+        # Unknown at first, so the first look compares the file with the loaded config: a
+        # change written between loading it and this task starting is not missed.
+        stamp: FileStamp | None = None
+        looked = False
         while True:
             forced = False
             if path is None or interval <= 0:
@@ -320,8 +323,8 @@ class Sidecar:
             if path is None:
                 continue
             new_stamp = FileStamp.of(path)
-            if forced or new_stamp != stamp:
-                stamp = new_stamp
+            if forced or not looked or new_stamp != stamp:
+                stamp, looked = new_stamp, True
                 try:
                     self.reload(forced=forced)
                 except Exception as exc:  # never let one bad reload end watching for good

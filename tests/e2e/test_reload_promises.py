@@ -43,14 +43,8 @@ def write(path: Path, upstream_url: str, extra: str = "", **server: str) -> None
 
 @contextlib.asynccontextmanager
 async def watching(path: Path) -> AsyncIterator[RunningSidecar]:
-    """A sidecar serving `path`'s config and watching it.
-
-    The watcher notes the file's state when its task first runs, after start(): a change
-    written before that would go unseen. One request to the admin listener first lets it run.
-    """
+    """A sidecar serving `path`'s config and watching it."""
     async with run_sidecar(load_config(path), str(path)) as sc:
-        async with aiohttp.ClientSession() as session:
-            assert (await text_of(session, sc.admin_url + "/live"))[0] == 200
         yield sc
 
 
@@ -77,6 +71,21 @@ async def rewrite_and_wait(
 async def text_of(session: aiohttp.ClientSession, url: str) -> tuple[int, bytes]:
     async with session.get(url) as response:
         return response.status, await response.read()
+
+
+async def test_a_change_written_before_the_watcher_first_runs_is_applied(
+    tmp_path: Path, app_url: str
+) -> None:
+    path = tmp_path / "sidecar.yaml"
+    write(path, app_url)
+    async with watching(path) as sc:
+        # Nothing has been awaited since start(): the watcher task has not run yet.
+        write(path, app_url, "routes:\n  - name: late\n    match: {path_prefix: /}\n")
+        async with asyncio.timeout(10):
+            while not reloads(sc):
+                await asyncio.sleep(0.02)
+        assert reloads(sc)[0]["event"] == "config.reloaded"
+        assert [r.name for r in sc.sidecar.holder.runtime.config.routes] == ["late"]
 
 
 # --- a new upstream -----------------------------------------------------------------------

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 import pytest
 
-from sidecar.store import MemoryStore, Script, ScriptCall
+from sidecar.config.model import StateConfig
+from sidecar.store import MemoryStore, Script, ScriptCall, open_store
 from sidecar.store.memory import Keyspace, KeyspaceError, to_reply
 from tests.store.conftest import FakeClock, expect_error
 from tests.store.twins import INCR_TTL
@@ -160,7 +164,28 @@ def test_to_reply_mirrors_lua_conversion(value: object, reply: object) -> None:
     assert type(to_reply(value)) is type(reply)
 
 
+def reads_the_monotonic_clock(now_ms: Callable[[], int]) -> bool:
+    """Whether `now_ms()` lies between two readings of time.monotonic taken around it."""
+    before = int(time.monotonic() * 1000)
+    now = now_ms()
+    after = int(time.monotonic() * 1000)
+    return before <= now <= after
+
+
 def test_default_clock_is_monotonic() -> None:
-    keyspace = Keyspace()
-    keyspace.set("k", b"v", px=60_000)
-    assert 59_000 < keyspace.pttl("k") <= 60_000
+    """Expiry runs on time.monotonic unless a clock is passed: a wall-clock step (NTP, a
+    resumed VM) must not expire keys early or keep them for ever.
+
+    Behavioural, not a look at the signature: `now_ms()` is read between two monotonic
+    readings, which a wall clock (time.time, decades away) cannot fall between. Checked
+    wherever the clock is chosen: the keyspace, the store, and what `memory://` opens.
+    """
+    # Not vacuous: here the two clocks are far apart (the monotonic one counts from boot).
+    assert abs(time.time() - time.monotonic()) > 24 * 3600
+    opened = open_store(StateConfig(url="memory://"))
+    assert isinstance(opened, MemoryStore)
+    for keyspace in (Keyspace(), MemoryStore().keyspace, opened.keyspace):
+        assert reads_the_monotonic_clock(keyspace.now_ms)
+        # And expiry is measured on that same clock.
+        keyspace.set("k", b"v", px=60_000)
+        assert 59_000 < keyspace.pttl("k") <= 60_000

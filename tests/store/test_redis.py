@@ -7,6 +7,7 @@ FLUSH, INFO, CONFIG), it never stands in for the server.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -156,9 +157,10 @@ async def test_ping_is_one_round_trip(redis_stores: OpenStore, proxy: TurnCounti
 
 
 async def test_redis_down_then_back(redis_stores: OpenStore, redis_server: RedisServer) -> None:
-    store, observed = redis_stores(timeout=1.0, max_connections=4)
+    timeout = 1.0
+    store, observed = redis_stores(timeout=timeout, max_connections=4)
     call = ScriptCall(INCR_TTL, ("n",), (1, 60_000))
-    # Several pooled connections, all of which go stale when the server stops.
+    # Several calls at once; the connection they share goes stale when the server stops.
     assert sorted(await asyncio.gather(*(store.execute([call]) for _ in range(4)))) == [
         [1],
         [2],
@@ -171,7 +173,9 @@ async def test_redis_down_then_back(redis_stores: OpenStore, redis_server: Redis
         started = time.monotonic()
         error = await expect_error(store.execute([call]))
         assert error.kind in ("unavailable", "timeout")
-        assert time.monotonic() - started < 1.5
+        # Redis stays down until the `finally` below: the call must give up on its own,
+        # within its timeout (plus ample slack for a loaded machine), not wait for Redis.
+        assert time.monotonic() - started < timeout + 2.0
         assert observed[-1] == ("incr_ttl", observed[-1][1], error.kind)
         assert (await expect_error(store.ping())).kind in ("unavailable", "timeout")
     finally:
@@ -229,21 +233,26 @@ async def test_unreachable_redis_fails_fast_and_opening_does_no_io(
     redis_stores: OpenStore,
 ) -> None:
     # Opening cannot fail: nothing listens here, and nothing is dialled until used.
-    store, observed = redis_stores(url=f"redis://127.0.0.1:{free_port()}/0", timeout=1.0)
+    # A long timeout: "fast" means a refused connection is reported at once, not when the
+    # timeout runs out (that would also be reported as "timeout", not "unavailable").
+    store, observed = redis_stores(url=f"redis://127.0.0.1:{free_port()}/0", timeout=10.0)
     started = time.monotonic()
     error = await expect_error(store.execute([ScriptCall(INCR_TTL, ("n",), (1, 1000))]))
     assert error.kind == "unavailable"
-    assert time.monotonic() - started < 0.5
+    assert time.monotonic() - started < 1.0
     assert observed == [("incr_ttl", observed[0][1], "unavailable")]
 
 
 async def test_slow_script_times_out(redis_stores: OpenStore) -> None:
-    store, observed = redis_stores(timeout=0.05)
+    # The call is cut at its timeout, not when the script ends: a 2 s script (well under
+    # busy-reply-threshold, 5 s) against a 0.1 s timeout, with a bound far from both.
+    timeout, spin_ms = 0.1, 2000
+    store, observed = redis_stores(timeout=timeout)
     started = time.monotonic()
-    error = await expect_error(store.execute([ScriptCall(SPIN, (), (300,))]))
+    error = await expect_error(store.execute([ScriptCall(SPIN, (), (spin_ms,))]))
     elapsed = time.monotonic() - started
     assert error.kind == "timeout"
-    assert 0.05 <= elapsed < 0.25
+    assert timeout <= elapsed < 1.0
     assert observed[-1][0] == "spin"
     assert observed[-1][2] == "timeout"
 
@@ -283,15 +292,134 @@ async def test_busy_server_is_unavailable(redis_stores: OpenStore, raw_redis: re
         raw_redis.config_set("busy-reply-threshold", 5000)
 
 
-async def test_pool_size_bounds_connections(
-    redis_stores: OpenStore, raw_redis: redis.Redis, redis_url: str
+def connections_named(raw: redis.Redis, name: str) -> int:
+    """How many connections Redis has open whose CLIENT SETNAME is `name`."""
+    return sum(1 for client in raw.client_list() if client["name"] == name)
+
+
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
+async def test_one_pipelined_connection_per_store(
+    redis_stores: OpenStore, raw_redis: redis.Redis, redis_server: RedisServer, transport: str
 ) -> None:
-    store, _ = redis_stores(url=f"{redis_url}?client_name=pool-test", max_connections=2)
+    """redis:// and unix:// URLs share one connection (docs/state-store.md), whatever
+    state.max_connections allows: 50 calls at once, all racing the first dial, make one."""
+    url = redis_server.url + "?" if transport == "tcp" else redis_server.unix_url + "&"
+    store, _ = redis_stores(url=f"{url}client_name=one-conn", max_connections=64)
     calls = [ScriptCall(INCR_TTL, ("n",), (1, 60_000))]
     results = await asyncio.gather(*(store.execute(calls) for _ in range(50)))
     assert sorted(result[0] for result in results) == list(range(1, 51))  # type: ignore[type-var]
-    names = [client["name"] for client in raw_redis.client_list()]
-    assert 1 <= names.count("pool-test") <= 2
+    assert connections_named(raw_redis, "one-conn") == 1
+
+
+class ReplyGate:
+    """A TCP relay in front of Redis that can hold Redis' replies back.
+
+    Requests go straight through, so Redis runs them (INFO commandstats counts them), while
+    replies wait for as long as the gate is held: the calls stay in flight until released.
+    Real bytes to a real server, like TurnCountingProxy.
+    """
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self._open = asyncio.Event()
+        self._open.set()
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        return f"redis://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/0"
+
+    def hold(self) -> None:
+        self._open.clear()
+
+    def release(self) -> None:
+        self._open.set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+
+    async def close(self) -> None:
+        self.release()
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _accept(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        server_r, server_w = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        up = asyncio.create_task(self._relay(client_r, server_w, gated=False))
+        down = asyncio.create_task(self._relay(server_r, client_w, gated=True))
+        self._tasks |= {up, down}
+        try:
+            await asyncio.wait({up, down}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (up, down):
+                task.cancel()
+            client_w.close()
+            server_w.close()
+            self._tasks -= {up, down}
+
+    async def _relay(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, gated: bool
+    ) -> None:
+        while data := await reader.read(65536):
+            if gated:
+                await self._open.wait()
+            writer.write(data)
+            await writer.drain()
+
+
+@pytest.fixture
+async def gate(redis_server: RedisServer, redis_url: str) -> AsyncIterator[ReplyGate]:
+    relay = ReplyGate(redis_server.port)
+    await relay.start()
+    yield relay
+    await relay.close()
+
+
+async def test_max_connections_bounds_calls_in_flight(
+    redis_stores: OpenStore, raw_redis: redis.Redis, gate: ReplyGate
+) -> None:
+    """On the one pipelined connection, state.max_connections bounds the calls under way at
+    once (docs/configuration.md): the store lets that many out and the rest wait for a
+    slot, which a call frees when its reply is back.
+
+    With replies held back no slot is ever freed, so what Redis has run is what is in
+    flight: exactly the bound, neither more (unbounded pipelining) nor fewer.
+    """
+    limit, total = 3, 10
+    store, observed = redis_stores(
+        url=f"{gate.url}?client_name=in-flight", max_connections=limit, timeout=30.0
+    )
+    call = ScriptCall(INCR_TTL, ("n",), (1, 60_000))
+    assert await store.execute([call]) == [1]  # dial and load the script: no NOSCRIPT below
+    before = command_calls(raw_redis, "cmdstat_evalsha")
+
+    def ran() -> int:
+        return command_calls(raw_redis, "cmdstat_evalsha") - before
+
+    async def limit_reached() -> bool:
+        return ran() >= limit
+
+    gate.hold()
+    tasks = [asyncio.create_task(store.execute([call])) for _ in range(total)]
+    try:
+        await poll_until(limit_reached, f"{limit} calls to reach Redis")
+        assert ran() == limit
+        assert not any(task.done() for task in tasks)
+        assert connections_named(raw_redis, "in-flight") == 1
+    finally:
+        gate.release()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+    # Released, the waiting calls go out as slots free up; each ran once, none timed out.
+    assert sorted(results) == [[n] for n in range(2, total + 2)]  # type: ignore[type-var]
+    assert ran() == total
+    assert [kind for _, _, kind in observed] == [None] * (total + 1)
 
 
 # -- URL schemes ---------------------------------------------------------------------

@@ -16,12 +16,12 @@ from dataclasses import dataclass
 import aiohttp
 import orjson
 from aiohttp import web
-from yarl import URL
 
 from sidecar import __version__
 from sidecar.config import SidecarConfig, UpstreamConfig
 from sidecar.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from sidecar.metrics import Metrics
+from sidecar.relaying import app_url
 from sidecar.store import StateStore, StoreError
 
 CheckFn = Callable[[], Awaitable[tuple[bool, str]]]
@@ -105,8 +105,7 @@ class UpstreamProbe:
             self._session = aiohttp.ClientSession(
                 connector=connector, cookie_jar=aiohttp.DummyCookieJar()
             )
-        origin = f"{upstream.scheme}://{upstream.host}:{upstream.port}{upstream.base_path}"
-        url = URL(origin + upstream.health_path, encoded=True)
+        url = app_url(upstream, upstream.health_path)
         timeout = aiohttp.ClientTimeout(total=max(upstream.connect_timeout, 1.0) * 2)
         async with self._session.get(url, timeout=timeout, allow_redirects=False) as response:
             return response.status < 500, f"GET {upstream.health_path} -> {response.status}"

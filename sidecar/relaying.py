@@ -8,8 +8,10 @@ from collections.abc import AsyncIterator, Callable
 import aiohttp
 from aiohttp import hdrs
 from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
 from sidecar.chain import ProxyResponse
+from sidecar.config import UpstreamConfig
 
 # RFC 9110 §7.6.1 plus the de-facto Proxy-Connection; every header named in Connection too.
 HOP_BY_HOP = frozenset(
@@ -31,6 +33,36 @@ WHOLE = 64 * 1024
 NO_BODY_STATUSES = frozenset({204, 304})
 
 Headers = CIMultiDictProxy[str] | CIMultiDict[str]
+# aiohttp's client would otherwise invent these for every request.
+_SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+
+
+def app_client(
+    config: UpstreamConfig, limit: int, request_class: type[aiohttp.ClientRequest] | None = None
+) -> aiohttp.ClientSession:
+    """A client for the app that adds nothing the client did not send (`skip_auto_headers`),
+    keeps no cookies between users, never decompresses, and bounds connecting.
+    `limit` caps its connections (0: one per session, as a WebSocket relay needs)."""
+    connector = aiohttp.TCPConnector(
+        limit=limit,
+        keepalive_timeout=config.idle_timeout,
+        ttl_dns_cache=10,
+        enable_cleanup_closed=False,
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        auto_decompress=False,
+        skip_auto_headers=_SKIP_AUTO_HEADERS,
+        request_class=request_class or aiohttp.ClientRequest,
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=config.connect_timeout),
+    )
+
+
+def app_url(config: UpstreamConfig, target: str) -> URL:
+    """The app's URL for a request target, exactly as the client sent it (no re-quoting)."""
+    origin = f"{config.scheme}://{config.host}:{config.port}{config.base_path}"
+    return URL(origin + target, encoded=True)
 
 
 def strip_hop_by_hop(headers: Headers) -> CIMultiDict[str]:

@@ -39,11 +39,8 @@ from sidecar.chain import (
     UpstreamFailure,
 )
 from sidecar.config import RouteConfig, UpstreamConfig
-from sidecar.relaying import app_response
+from sidecar.relaying import app_client, app_response, app_url
 from sidecar.websocket import WebSocketRelay, is_websocket_upgrade
-
-# aiohttp's client would otherwise invent these for every request.
-_SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
 
 @dataclass(slots=True)
@@ -180,25 +177,11 @@ class Forwarder:
 
     def __init__(self, config: UpstreamConfig, budget: ConnectionBudget | None = None) -> None:
         self.config = config
-        self._origin = f"{config.scheme}://{config.host}:{config.port}{config.base_path}"
         self._budget = budget if budget is not None else ConnectionBudget(config.max_connections)
         self._exchanges: set[_Exchange] = set()
         self._idle = asyncio.Event()
         self._idle.set()
-        connector = aiohttp.TCPConnector(
-            limit=config.max_connections,
-            keepalive_timeout=config.idle_timeout,
-            ttl_dns_cache=10,
-            enable_cleanup_closed=False,
-        )
-        self.session = aiohttp.ClientSession(
-            connector=connector,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            auto_decompress=False,
-            skip_auto_headers=_SKIP_AUTO_HEADERS,
-            request_class=_FaithfulClientRequest,
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=config.connect_timeout),
-        )
+        self.session = app_client(config, config.max_connections, _FaithfulClientRequest)
         # WebSocket sessions have connections of their own, never the request pool's.
         self.websockets = WebSocketRelay(config)
 
@@ -322,7 +305,7 @@ class Forwarder:
             ) from None
 
     def upstream_url(self, target: str) -> URL:
-        return URL(self._origin + target, encoded=True)
+        return app_url(self.config, target)
 
     async def _request_body(self, request: ProxyRequest) -> bytes | _BodyStream | None:
         if request.body is not None:

@@ -36,12 +36,17 @@ from aiohttp import WSCloseCode, WSMsgType, hdrs, web
 from aiohttp._websocket.reader import WebSocketDataQueue
 from aiohttp.http import WS_KEY, WebSocketError, WebSocketReader, WebSocketWriter
 from multidict import CIMultiDict, CIMultiDictProxy
-from yarl import URL
 
 from sidecar import errors
 from sidecar.chain import Failure, ProxyRequest, ProxyResponse, UpstreamFailure
 from sidecar.config import UpstreamConfig
-from sidecar.relaying import app_response, connection_tokens, strip_hop_by_hop
+from sidecar.relaying import (
+    app_client,
+    app_response,
+    app_url,
+    connection_tokens,
+    strip_hop_by_hop,
+)
 
 Headers = CIMultiDictProxy[str] | CIMultiDict[str]
 ClientSide = web.WebSocketResponse[Literal[False]]
@@ -64,7 +69,6 @@ _APP_HANDSHAKE = (
 )
 _VERSIONS = frozenset({"13", "8", "7"})  # what aiohttp's server accepts from a client
 # aiohttp's client would otherwise invent these for every request.
-_SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 # How long one side's close handshake may take (its reply to our close frame); the whole
 # close of a session is bounded by twice this, then both connections are cut.
 CLOSE_TIMEOUT = 5.0
@@ -93,20 +97,8 @@ class WebSocketRelay:
 
     def __init__(self, config: UpstreamConfig) -> None:
         self.config = config
-        self._origin = f"{config.scheme}://{config.host}:{config.port}{config.base_path}"
-        connector = aiohttp.TCPConnector(
-            limit=0,  # one connection per session, for as long as it lasts: no pool limit
-            keepalive_timeout=config.idle_timeout,
-            ttl_dns_cache=10,
-            enable_cleanup_closed=False,
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            auto_decompress=False,
-            skip_auto_headers=_SKIP_AUTO_HEADERS,
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=config.connect_timeout),
-        )
+        # One connection per session, for as long as it lasts: no pool limit.
+        self._session = app_client(config, limit=0)
         self._closed = False
         # Upgraded upstream, not yet relayed or discarded.
         self._pending: set[_Upgraded] = set()
@@ -152,7 +144,7 @@ class WebSocketRelay:
             async with asyncio.timeout_at(ends):
                 upstream = await self._session.request(
                     request.method,
-                    URL(self._origin + request.target, encoded=True),
+                    app_url(self.config, request.target),
                     headers=_upstream_handshake(request.headers, key),
                     allow_redirects=False,
                     timeout=timeout,

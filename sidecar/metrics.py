@@ -138,6 +138,11 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.log_lines_dropped = Counter(
+            "sidecar_log_lines_dropped",
+            "Log lines lost: stdout too slow and the log buffer full, or the write failed.",
+            registry=r,
+        )
         self.build_info.labels(__version__, platform.python_version(), aiohttp.__version__).set(1)
         self._routes: dict[str, RouteMetrics] = {}
         self._store_children: dict[str, MetricWrapperBase] = {}

@@ -80,6 +80,7 @@ class Sidecar:
         self.config_path = config_path
         self.log = log or LogSink(level=config.logging.level)
         self.metrics = Metrics()
+        self.log.count_drops_with(self.metrics.log_lines_dropped)
         self.reuse_port = reuse_port
         self.pid = os.getpid()
         self._random_id_key = os.urandom(32)
@@ -145,6 +146,7 @@ class Sidecar:
             access_log=access_log,
             request_id_header=config.tracing.request_id_header,
             protected_headers=protected_headers(config),
+            forwarder=forwarder,
         )
 
     def _id_hasher(self, config: SidecarConfig) -> IdentityHasher:

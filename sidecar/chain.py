@@ -57,7 +57,7 @@ class Failure:
     CONNECT = "connect"  # the upstream refused or could not be reached: nothing was sent
     CONNECT_TIMEOUT = "connect_timeout"  # connecting took too long: nothing was sent
     POOL = "pool"  # no pooled connection became free in time: nothing was sent
-    TIMEOUT = "timeout"  # no response (or no next body chunk) within the deadline
+    TIMEOUT = "timeout"  # no response headers within the deadline
     RESET = "reset"  # the upstream closed the connection before the response headers
     BAD_RESPONSE = "bad_response"  # the upstream's answer was not valid HTTP/1.1
     STREAM = "stream"  # the response body broke off midway (after the status was sent)
@@ -326,22 +326,35 @@ class ProxyResponse:
         """True for answers the sidecar made itself (problems, replays, fallbacks)."""
         return self.origin is not Origin.APP
 
+    @property
+    def holds_resources(self) -> bool:
+        """Whether aclose() has anything to free (a body in memory holds nothing)."""
+        body = self.body
+        return (
+            self.release is not None
+            or self.closer is not None
+            or (body is not None and not isinstance(body, bytes))
+        )
+
     async def aclose(self) -> None:
         """Discard this response: close a streamed body, release the upstream connection
         (closed, not pooled, since its body was not read to the end), close an upstream
         WebSocket. Safe to call more than once."""
         body, self.body = self.body, None
-        if body is not None and not isinstance(body, bytes):
-            close = getattr(body, "aclose", None)
-            if close is not None:
-                await close()
         release, self.release = self.release, None
-        if release is not None:
-            release()
         closer, self.closer = self.closer, None
         self.websocket = None
-        if closer is not None:
-            await closer()
+        try:
+            if body is not None and not isinstance(body, bytes):
+                close = getattr(body, "aclose", None)
+                if close is not None:
+                    await close()
+        finally:
+            # Whatever a body wrapper does on closing, the connection and its slot go back.
+            if release is not None:
+                release()
+            if closer is not None:
+                await closer()
 
 
 class UpstreamFailure(Exception):

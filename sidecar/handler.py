@@ -43,6 +43,7 @@ from sidecar.routing import (
     path_for_matching,
 )
 from sidecar.tracecontext import new_trace_id
+from sidecar.upstream import Forwarder
 
 # RFC 9110 §9.3.7: OPTIONS * asks about the server itself, which here is the sidecar.
 _SERVER_METHODS = "GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS"
@@ -74,6 +75,8 @@ class Runtime:
     request_id_header: str
     # Headers the sidecar sets or relies on: a Connection header may not name them.
     protected_headers: frozenset[str]
+    # Its upstream pool, told when each request is done (so a retired one knows when to close).
+    forwarder: Forwarder
 
 
 class RuntimeHolder:
@@ -172,10 +175,6 @@ class ProxyHandler:
 
     async def __call__(self, raw: web.BaseRequest) -> web.StreamResponse:
         started = time.perf_counter()
-        task = asyncio.current_task()
-        assert task is not None
-        running = self.running
-        running.add(task)
         runtime = self.holder.runtime
         incoming_id = raw.headers.get(runtime.request_id_header)
         request_id = incoming_id if valid_request_id(incoming_id) else new_request_id()
@@ -205,6 +204,12 @@ class ProxyHandler:
         )
         metrics = route.metrics
         metrics.in_flight.inc()
+        forwarder = runtime.forwarder
+        forwarder.users += 1
+        task = asyncio.current_task()
+        assert task is not None
+        running = self.running
+        running.add(task)
         # If our own code fails, aiohttp calls `refuse`, which answers with this same id.
         raw[_REQUEST_ID_KEY] = request_id
         status = 500
@@ -227,15 +232,31 @@ class ProxyHandler:
             raise broken.__cause__ from None  # type: ignore[misc]
         finally:
             running.discard(task)
-            if response is not None:
-                await response.aclose()  # frees the upstream connection, whatever happened
-            metrics.in_flight.dec()
-            metrics.count_request(raw.method, status)
-            duration = time.perf_counter() - started
-            metrics.duration.observe(duration)
-            if request.finishers is not None:
-                self._finish(request, response, status, failure, duration)
-            self._access(runtime, request, status, duration)
+            try:
+                if response is not None and response.holds_resources:
+                    await response.aclose()  # frees the upstream connection, whatever happened
+            finally:
+                forwarder.leave()
+                self._done(runtime, request, metrics, response, status, failure, started)
+
+    def _done(
+        self,
+        runtime: Runtime,
+        request: ProxyRequest,
+        metrics: RouteMetrics,
+        response: ProxyResponse | None,
+        status: int,
+        failure: str,
+        started: float,
+    ) -> None:
+        """The bookkeeping of a finished request: metrics, finishers, the access log."""
+        metrics.in_flight.dec()
+        metrics.count_request(request.method, status)
+        duration = time.perf_counter() - started
+        metrics.duration.observe(duration)
+        if request.finishers is not None:
+            self._finish(request, response, status, failure, duration)
+        self._access(runtime, request, status, duration)
 
     def _finish(
         self,
@@ -474,9 +495,11 @@ class ProxyServer(web.Server):
         return _ProxyConnection(self, loop=self._loop, **self._kwargs)
 
     def close_idle(self) -> None:
-        """Close keep-alive connections that wait for a next request (shutdown)."""
-        for connection in list(self.connections):
-            connection.close()
+        """Close keep-alive connections that wait for a next request (shutdown); busy ones
+        finish their request (its response says Connection: close) and end then."""
+        for connection in list(self._connections):
+            if isinstance(connection, _ProxyConnection) and connection.idle:
+                connection.force_close()
 
     async def cancel_running(self, deadline: float, cancelled_by: float) -> None:
         """Let requests under way run until `deadline` (event-loop time), then cancel them,
@@ -506,14 +529,18 @@ class _ProxyConnection(web.RequestHandler):
     instead of living as long as the keep-alive timeout.
     """
 
-    _head_deadline: asyncio.TimerHandle | None = None
+    # When the head now awaited began (loop time); None while no head is awaited.
+    _head_started: float | None = None
+    # One timer per connection, re-armed lazily (as aiohttp's keep-alive timer is): a
+    # request that arrives in time costs no timer of its own.
+    _head_timer: asyncio.TimerHandle | None = None
     _head_bytes = False
     _refused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         manager = self._manager
         assert isinstance(manager, ProxyServer)
-        if len(manager.connections) >= manager.settings.max_connections:
+        if len(manager._connections) >= manager.settings.max_connections:
             manager.closed_over_limit.inc()
             self._refused = True
             transport.write(self._over_limit_answer(manager))  # type: ignore[attr-defined]
@@ -529,11 +556,19 @@ class _ProxyConnection(web.RequestHandler):
             return  # refused in connection_made (never counted), or already gone
         assert isinstance(manager, ProxyServer)
         manager.open_connections.dec()
-        self._head_arrived()
+        self._head_started = None
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
         super().connection_lost(exc)
 
+    @property
+    def idle(self) -> bool:
+        """Waiting for a next request, none of it received."""
+        return self._waiter is not None and not self._messages and not self._head_bytes
+
     def data_received(self, data: bytes) -> None:
-        if self._head_deadline is None and not self._messages and self._waiter is not None:
+        if self._head_started is None and not self._messages and self._waiter is not None:
             # The first byte of a next request on a kept-alive connection.
             manager = self._manager
             if isinstance(manager, ProxyServer):
@@ -542,35 +577,36 @@ class _ProxyConnection(web.RequestHandler):
             self._head_bytes = True
         super().data_received(data)
         if self._messages:
-            self._head_arrived()
+            self._head_started = None  # the head is complete
+            self._head_bytes = False
 
     def _await_head(self, manager: ProxyServer) -> None:
         self._head_bytes = False
-        timeout = manager.settings.header_timeout
-        self._head_deadline = self._loop.call_later(timeout, self._head_timed_out)
+        self._head_started = started = self._loop.time()
+        if self._head_timer is None:
+            due = started + manager.settings.header_timeout
+            self._head_timer = self._loop.call_at(due, self._check_head)
 
-    def _head_arrived(self) -> None:
-        if self._head_deadline is not None:
-            self._head_deadline.cancel()
-            self._head_deadline = None
-
-    def _head_timed_out(self) -> None:
-        self._head_deadline = None
+    def _check_head(self) -> None:
+        self._head_timer = None
         manager = self._manager
-        if manager is None or self.transport is None or self._messages:
+        started = self._head_started
+        if started is None or manager is None or self.transport is None or self._messages:
             return
         assert isinstance(manager, ProxyServer)
+        timeout = manager.settings.header_timeout
+        if self._loop.time() < started + timeout:  # a later head: its own deadline
+            self._head_timer = self._loop.call_at(started + timeout, self._check_head)
+            return
         manager.closed_header_timeout.inc()
         if self._head_bytes:
             # Part of a request arrived: say why it is refused (RFC 9110 §15.5.9).
-            timeout = manager.settings.header_timeout
             detail = f"the request head did not arrive within {timeout:g}s"
             answer, _ = manager.proxy.problem_answer(
                 errors.REQUEST_HEAD_TIMEOUT, new_request_id(), detail
             )
             self.transport.write(_serialise(answer))
-        self.force_close()
-        self.transport.close()
+        self.force_close()  # closes the transport (after the answer is written)
 
     def _over_limit_answer(self, manager: ProxyServer) -> bytes:
         detail = f"this sidecar already serves {manager.settings.max_connections} connections"

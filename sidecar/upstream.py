@@ -99,9 +99,15 @@ class ConnectionBudget:
         self.in_use = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
 
-    async def acquire(self) -> None:
+    def try_acquire(self) -> bool:
+        """Take a slot if one is free and nobody waits (no coroutine on the common path)."""
         if self.in_use < self.limit and not self._waiters:
             self.in_use += 1
+            return True
+        return False
+
+    async def acquire(self) -> None:
+        if self.try_acquire():
             return
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
@@ -153,8 +159,6 @@ class _Exchange:
             self.upstream.release()
         forwarder._exchanges.discard(self)
         forwarder._budget.release()
-        if not forwarder._exchanges:
-            forwarder._idle.set()
 
     def cut(self) -> None:
         """The retired pool's deadline passed: end both connections so neither side hangs."""
@@ -179,16 +183,21 @@ class Forwarder:
         self.config = config
         self._budget = budget if budget is not None else ConnectionBudget(config.max_connections)
         self._exchanges: set[_Exchange] = set()
-        self._idle = asyncio.Event()
-        self._idle.set()
+        # Requests of the config generations that use this forwarder, from the moment they
+        # enter the chain until their response is done with (the handler counts them: a
+        # request still reading its body or inside a policy has no exchange yet).
+        self.users = 0
+        self._drained: asyncio.Future[None] | None = None
         self.session = app_client(config, config.max_connections, _FaithfulClientRequest)
         # WebSocket sessions have connections of their own, never the request pool's.
         self.websockets = WebSocketRelay(config)
 
-    @property
-    def in_flight(self) -> int:
-        """Requests under way on this forwarder (from the first byte to the body's end)."""
-        return len(self._exchanges)
+    def leave(self) -> None:
+        """A request counted in `users` is done with (see ProxyHandler)."""
+        self.users -= 1
+        drained = self._drained
+        if self.users == 0 and drained is not None and not drained.done():
+            drained.set_result(None)
 
     def for_route(self, route: RouteConfig) -> Next:
         """The terminal step of one route's chain, its timeouts made once at config load.
@@ -224,13 +233,16 @@ class Forwarder:
         await self.session.close()
 
     async def retire(self, deadline: float) -> None:
-        """Stop pooling; close once the requests under way are done, or cut them at
-        `deadline` (event-loop time) so their clients see the connection end."""
+        """No new request comes here: close the idle pooled connections now, close the
+        rest once the requests under way (WebSocket sessions included) are done, or cut
+        them at `deadline` (event-loop time) so their clients see the connection end."""
         self._close_idle_connections()
         loop = asyncio.get_running_loop()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(max(deadline - loop.time(), 0.0)):
-                await self._idle.wait()
+        if self.users:
+            self._drained = loop.create_future()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(deadline - loop.time(), 0.0)):
+                    await self._drained
         for exchange in list(self._exchanges):
             exchange.cut()
         await self.close()
@@ -252,7 +264,9 @@ class Forwarder:
             return await self.websockets.connect(request)
         # Before any connection is taken: a small body is read whole, so a slow client
         # holds nothing upstream while it sends.
-        body = await self._request_body(request)
+        body: bytes | _BodyStream | None = request.body
+        if body is None and request.raw.body_exists:
+            body = await self._request_body(request)
         loop = asyncio.get_running_loop()
         streamed = isinstance(body, _BodyStream)
         if not streamed and request.deadline is None:
@@ -263,7 +277,6 @@ class Forwarder:
         exchange = _Exchange(self, request.raw.transport)
         await self._take_slot(request, attempt)
         self._exchanges.add(exchange)
-        self._idle.clear()
         request.upstream_sent = True  # from here on the app may see bytes of it
         sent_at = time.perf_counter()
         try:
@@ -294,6 +307,8 @@ class Forwarder:
 
     async def _take_slot(self, request: ProxyRequest, attempt: _AttemptTimer) -> None:
         """A budget slot, waiting at most until the attempt's deadline (nothing sent yet)."""
+        if self._budget.try_acquire():
+            return
         try:
             async with asyncio.timeout(attempt.slot_wait()):
                 await self._budget.acquire()
@@ -307,18 +322,15 @@ class Forwarder:
     def upstream_url(self, target: str) -> URL:
         return app_url(self.config, target)
 
-    async def _request_body(self, request: ProxyRequest) -> bytes | _BodyStream | None:
-        if request.body is not None:
-            return request.body
+    async def _request_body(self, request: ProxyRequest) -> bytes | _BodyStream:
         raw = request.raw
-        if not raw.body_exists:
-            return None
         route = request.route
         declared = raw.content_length
         # A declared length over the buffer streams at once; chunked bodies are read up
         # to the buffer's size and stream on only if they turn out larger.
         fits = declared is None or declared <= route.request_buffer
         if fits and await request.buffer_body(route.request_buffer, route.max_body):
+            assert request.body is not None
             return request.body
         return _BodyStream(request.stream_body(route.max_body), on_sent=_nothing)
 

@@ -383,3 +383,86 @@ async def test_readiness_has_its_own_connection_when_the_pool_is_full() -> None:
                 writer.close()
         finally:
             app.release.set()
+
+
+async def test_a_head_timeout_raises_nothing_in_the_event_loop() -> None:
+    errors_seen: list[dict[str, object]] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _, context: errors_seen.append(context))
+    try:
+        async with tap() as upstream:  # noqa: SIM117
+            async with run_sidecar(sidecar_config(upstream.url, header_timeout=0.2)) as sc:
+                for partial in (b"", b"GET / HTTP/1.1\r\nHost"):
+                    async with connection(sc.port) as (reader, writer):
+                        writer.write(partial)
+                        async with asyncio.timeout(TEST_TIMEOUT):
+                            await reader.read()
+                await wait_until(
+                    lambda: (
+                        sc.sidecar.metrics.client_connections_closed.labels(
+                            "header_timeout"
+                        )._value.get()
+                        == 2
+                    )
+                )
+    finally:
+        loop.set_exception_handler(None)
+    assert errors_seen == []
+
+
+async def test_shutdown_lets_an_upload_under_way_finish_and_closes_idle_connections_at_once(
+    raw_upstream: RawUpstream,
+) -> None:
+    config = sidecar_config(raw_upstream.url, shutdown_grace=20.0)
+    async with run_sidecar(config) as sc:
+        idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", sc.port)
+        idle_writer.write(b"GET /first HTTP/1.1\r\nHost: app\r\n\r\n")
+        assert (await read_response(idle_reader)).status == 200  # now idle, kept alive
+        reader, writer = await asyncio.open_connection("127.0.0.1", sc.port)
+        writer.write(b"PUT /up HTTP/1.1\r\nHost: app\r\nContent-Length: 10\r\n\r\nhalf-")
+        await writer.drain()
+        await wait_until(lambda: sc.sidecar.metrics.in_flight.labels("default")._value.get() == 1)
+        stopping = asyncio.create_task(sc.sidecar.shutdown())
+        async with asyncio.timeout(TEST_TIMEOUT):
+            # The idle connection is closed at once, not after the upload's grace.
+            assert await idle_reader.read() == b""
+        writer.write(b"done!")
+        async with asyncio.timeout(TEST_TIMEOUT):
+            response = await read_response(reader)
+            await stopping
+        writer.close()
+        idle_writer.close()
+    assert response.status == 200
+    assert raw_upstream.exchanges[-1].body == b"half-done!"
+
+
+async def test_a_reload_does_not_fail_a_request_still_sending_its_body() -> None:
+    old, new = HeldStream(), HeldStream()
+    seen: list[bytes] = []
+
+    async def record(request: web.Request) -> web.Response:
+        seen.append(await request.read())
+        return web.Response(text="old")
+
+    async with run_app(app_with({"/{t:.*}": record})) as old_url, run_app(new.app()) as new_url:
+        path = _config_file(old_url, 8, "30s")
+        try:
+            async with run_sidecar(sidecar_config(old_url), path) as sc:
+                reader, writer = await asyncio.open_connection("127.0.0.1", sc.port)
+                writer.write(b"PUT /u HTTP/1.1\r\nHost: app\r\nContent-Length: 10\r\n\r\nhalf-")
+                await writer.drain()
+                await wait_until(
+                    lambda: sc.sidecar.metrics.in_flight.labels("default")._value.get() == 1
+                )
+                await _reload_to(sc, path, new_url, grace="30s")
+                writer.write(b"done!")
+                async with asyncio.timeout(TEST_TIMEOUT):
+                    response = await read_response(reader)
+                writer.close()
+                # It finished on the pool it started on; that pool then closed.
+                await wait_until(lambda: not sc.sidecar._retired, timeout=TEST_TIMEOUT)
+        finally:
+            old.release.set()
+            os.unlink(path)
+    assert response.status == 200 and response.body == b"old"
+    assert seen == [b"half-done!"]

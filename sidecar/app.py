@@ -293,8 +293,11 @@ class Sidecar:
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
         await self.background.drain(max(deadline + _LAST_WRITES_SECONDS - loop.time(), 0.1))
-        for forwarder in (*retired, self.forwarder):
-            await forwarder.close()
+        # Bounded too: a WebSocket peer that reads nothing must not hold up the exit.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(deadline + _LAST_WRITES_SECONDS - loop.time(), 0.1)):
+                for forwarder in (*retired, self.forwarder):
+                    await forwarder.close()
         await self.store.close()
         if self.spans is not None:
             await self.spans.close()

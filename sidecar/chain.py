@@ -212,15 +212,27 @@ class ProxyRequest:
         return True
 
     def stream_body(self, limit: int) -> AsyncIterator[bytes]:
-        """The body for sending once, as it arrives (after what `buffer_body` read)."""
+        """The body for sending once, as it arrives (after what `buffer_body` read).
+
+        It counts as sent only once the first chunk is taken: an attempt that failed
+        before sending anything (connect, pool) leaves the body replayable.
+        """
+        if self.body_streamed:
+            raise BodyNotReplayable()
+        return self._stream_once(limit)
+
+    async def _stream_once(self, limit: int) -> AsyncIterator[bytes]:
         if self.body_streamed:
             raise BodyNotReplayable()
         self.body_streamed = True
         if self._partial is None:
-            return self.body_chunks(limit)
-        read, rest = self._partial
-        self._partial = None
-        return chain_chunks(read, rest)
+            chunks = self.body_chunks(limit)
+        else:
+            read, rest = self._partial
+            self._partial = None
+            chunks = chain_chunks(read, rest)
+        async for chunk in chunks:
+            yield chunk
 
     async def body_chunks(self, limit: int) -> AsyncIterator[bytes]:
         """The client's body as it arrives, for streaming it upstream or buffering it.

@@ -42,7 +42,7 @@ def app_client(
 ) -> aiohttp.ClientSession:
     """A client for the app that adds nothing the client did not send (`skip_auto_headers`),
     keeps no cookies between users, never decompresses, and bounds connecting.
-    `limit` caps its connections (0: one per session, as a WebSocket relay needs)."""
+    `limit` caps its connections (0: no cap; a WebSocket relay holds one per session)."""
     connector = aiohttp.TCPConnector(
         limit=limit,
         keepalive_timeout=config.idle_timeout,
@@ -59,10 +59,14 @@ def app_client(
     )
 
 
+def app_origin(config: UpstreamConfig) -> str:
+    """Scheme, authority and base path of the app: what every request target is put after."""
+    return f"{config.scheme}://{config.host}:{config.port}{config.base_path}"
+
+
 def app_url(config: UpstreamConfig, target: str) -> URL:
     """The app's URL for a request target, exactly as the client sent it (no re-quoting)."""
-    origin = f"{config.scheme}://{config.host}:{config.port}{config.base_path}"
-    return URL(origin + target, encoded=True)
+    return URL(app_origin(config) + target, encoded=True)
 
 
 def strip_hop_by_hop(headers: Headers) -> CIMultiDict[str]:

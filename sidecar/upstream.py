@@ -39,7 +39,7 @@ from sidecar.chain import (
     UpstreamFailure,
 )
 from sidecar.config import RouteConfig, UpstreamConfig
-from sidecar.relaying import app_client, app_response, app_url
+from sidecar.relaying import app_client, app_origin, app_response
 from sidecar.websocket import WebSocketRelay, is_websocket_upgrade
 
 
@@ -181,6 +181,7 @@ class Forwarder:
 
     def __init__(self, config: UpstreamConfig, budget: ConnectionBudget | None = None) -> None:
         self.config = config
+        self._origin = app_origin(config)  # made once: a request only appends its target
         self._budget = budget if budget is not None else ConnectionBudget(config.max_connections)
         self._exchanges: set[_Exchange] = set()
         # Requests of the config generations that use this forwarder, from the moment they
@@ -320,7 +321,7 @@ class Forwarder:
             ) from None
 
     def upstream_url(self, target: str) -> URL:
-        return app_url(self.config, target)
+        return URL(self._origin + target, encoded=True)
 
     async def _request_body(self, request: ProxyRequest) -> bytes | _BodyStream:
         raw = request.raw

@@ -347,3 +347,23 @@ async def test_a_reload_keeps_policy_state_and_does_not_double_it(tmp_path: obje
             assert sc.sidecar.reload()
             # Route a is gone: so is its state.
             assert sc.sidecar.policy_state.get("bulkhead", "a", 10, make) is not first
+
+
+async def test_a_streamed_body_stays_replayable_when_nothing_was_sent() -> None:
+    replayable: list[bool] = []
+
+    class Look:
+        async def __call__(self, request: ProxyRequest, call_next: Next) -> ProxyResponse:
+            response = await call_next(request)
+            replayable.append(request.replayable)
+            return response
+
+    routes = "routes:\n  - name: r\n    match: {path_prefix: /}\n    request_buffer: 0\n"
+    async with run_sidecar(sidecar_config(f"http://127.0.0.1:{free_port()}", routes)) as sc:
+        install(sc, Look())
+        response = await exchange(
+            sc.port, b"PUT /r HTTP/1.1\r\nHost: app\r\nContent-Length: 5\r\n\r\nhello"
+        )
+    assert response.status == 502
+    # The connection was refused before a byte of the body went out: a retry may send it.
+    assert replayable == [True]

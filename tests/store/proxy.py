@@ -3,7 +3,8 @@
 A "turn" starts whenever the client sends after having received something (or first
 sends on a connection). A pipelined batch is one turn however many commands it holds;
 a SCRIPT EXISTS before the batch, or a NOSCRIPT retry, would be a second one. It relays
-real bytes to a real server: nothing is simulated.
+real bytes to a real server: nothing is simulated. It can also hold Redis' replies back
+(`hold`/`release`): requests still reach Redis and run, but stay in flight for the client.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ class TurnCountingProxy:
         # When set, the next reply from Redis is dropped and the client's connection cut:
         # the request did reach Redis, the client never learns what happened.
         self.cut_next_reply = False
+        self._replies_open = asyncio.Event()
+        self._replies_open.set()
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -31,10 +34,17 @@ class TurnCountingProxy:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    def hold(self) -> None:
+        self._replies_open.clear()
+
+    def release(self) -> None:
+        self._replies_open.set()
+
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
 
     async def close(self) -> None:
+        self.release()
         if self._server is not None:
             self._server.close()
         for task in list(self._tasks):
@@ -71,6 +81,7 @@ class TurnCountingProxy:
                 self.turns += 1
                 state["answered"] = False
             elif not upstream:
+                await self._replies_open.wait()
                 state["answered"] = True
                 if self.cut_next_reply:
                     self.cut_next_reply = False

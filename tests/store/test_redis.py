@@ -7,7 +7,6 @@ FLUSH, INFO, CONFIG), it never stands in for the server.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -311,79 +310,16 @@ async def test_one_pipelined_connection_per_store(
     assert connections_named(raw_redis, "one-conn") == 1
 
 
-class ReplyGate:
-    """A TCP relay in front of Redis that can hold Redis' replies back.
-
-    Requests go straight through, so Redis runs them (INFO commandstats counts them), while
-    replies wait for as long as the gate is held: the calls stay in flight until released.
-    Real bytes to a real server, like TurnCountingProxy.
-    """
-
-    def __init__(self, upstream_port: int) -> None:
-        self.upstream_port = upstream_port
-        self._open = asyncio.Event()
-        self._open.set()
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    @property
-    def url(self) -> str:
-        assert self._server is not None
-        return f"redis://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/0"
-
-    def hold(self) -> None:
-        self._open.clear()
-
-    def release(self) -> None:
-        self._open.set()
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-
-    async def close(self) -> None:
-        self.release()
-        if self._server is not None:
-            self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-    async def _accept(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        server_r, server_w = await asyncio.open_connection("127.0.0.1", self.upstream_port)
-        up = asyncio.create_task(self._relay(client_r, server_w, gated=False))
-        down = asyncio.create_task(self._relay(server_r, client_w, gated=True))
-        self._tasks |= {up, down}
-        try:
-            await asyncio.wait({up, down}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (up, down):
-                task.cancel()
-            client_w.close()
-            server_w.close()
-            self._tasks -= {up, down}
-
-    async def _relay(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, gated: bool
-    ) -> None:
-        while data := await reader.read(65536):
-            if gated:
-                await self._open.wait()
-            writer.write(data)
-            await writer.drain()
-
-
 @pytest.fixture
-async def gate(redis_server: RedisServer, redis_url: str) -> AsyncIterator[ReplyGate]:
-    relay = ReplyGate(redis_server.port)
+async def gate(redis_server: RedisServer, redis_url: str) -> AsyncIterator[TurnCountingProxy]:
+    relay = TurnCountingProxy(redis_server.port)
     await relay.start()
     yield relay
     await relay.close()
 
 
 async def test_max_connections_bounds_calls_in_flight(
-    redis_stores: OpenStore, raw_redis: redis.Redis, gate: ReplyGate
+    redis_stores: OpenStore, raw_redis: redis.Redis, gate: TurnCountingProxy
 ) -> None:
     """On the one pipelined connection, state.max_connections bounds the calls under way at
     once (docs/configuration.md): the store lets that many out and the rest wait for a

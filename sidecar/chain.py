@@ -150,7 +150,6 @@ class ProxyRequest:
     span_events: list[SpanEvent] | None = None
     # Called with the request's Outcome once the response is completely sent or abandoned.
     finishers: list[Finisher] | None = None
-    continue_sent: bool = False
     # Response body bytes written to the client so far.
     bytes_sent: int = 0
     # Request body bytes read from the client so far.
@@ -243,8 +242,7 @@ class ProxyRequest:
         (the route's idle_timeout) and a minimum average rate. Stops at `limit` bytes.
         """
         raw = self.raw
-        if not self.continue_sent and raw.headers.get("Expect", "").lower() == "100-continue":
-            self.continue_sent = True
+        if CONTINUE_SENT not in raw and raw.headers.get("Expect", "").lower() == "100-continue":
             raw[CONTINUE_SENT] = True
             await raw.writer.write(CONTINUE)
         route = self.route

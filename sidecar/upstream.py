@@ -53,7 +53,8 @@ class _BodyStream:
     """
 
     chunks: AsyncIterator[bytes]
-    on_sent: Callable[[], None]
+    # Set by the attempt that sends it (see _AttemptTimer.body_sent).
+    on_sent: Callable[[], None] | None = None
     fault: BodyTooLarge | ClientStalled | None = None
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
@@ -63,7 +64,8 @@ class _BodyStream:
         except (BodyTooLarge, ClientStalled) as fault:
             self.fault = fault
             raise
-        self.on_sent()
+        if self.on_sent is not None:
+            self.on_sent()
 
     def raise_client_fault(self) -> None:
         """Re-raise what the client did wrong, if the body stopped because of the client."""
@@ -333,7 +335,7 @@ class Forwarder:
         if fits and await request.buffer_body(route.request_buffer, route.max_body):
             assert request.body is not None
             return request.body
-        return _BodyStream(request.stream_body(route.max_body), on_sent=_nothing)
+        return _BodyStream(request.stream_body(route.max_body))
 
 
 class _AttemptTimer:

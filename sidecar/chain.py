@@ -394,6 +394,11 @@ class Problem:
         return "urn:sidecar:problem:" + self.slug
 
 
+class UpstreamBodyBroken(Exception):
+    """Raised by a streamed response body when the app's body breaks off after its headers
+    (failure kind `stream`): a policy reading the body learns the app's outcome is unknown."""
+
+
 class ClientStalled(Exception):
     """The client sent its body too slowly (idle_timeout, min_upload_rate): 408."""
 

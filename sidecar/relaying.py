@@ -37,9 +37,7 @@ Headers = CIMultiDictProxy[str] | CIMultiDict[str]
 _SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
 
-def app_client(
-    config: UpstreamConfig, limit: int, request_class: type[aiohttp.ClientRequest] | None = None
-) -> aiohttp.ClientSession:
+def app_client(config: UpstreamConfig, limit: int) -> aiohttp.ClientSession:
     """A client for the app that adds nothing the client did not send (`skip_auto_headers`),
     keeps no cookies between users, never decompresses, and bounds connecting.
     `limit` caps its connections (0: no cap; a WebSocket relay holds one per session)."""
@@ -54,7 +52,6 @@ def app_client(
         cookie_jar=aiohttp.DummyCookieJar(),
         auto_decompress=False,
         skip_auto_headers=_SKIP_AUTO_HEADERS,
-        request_class=request_class or aiohttp.ClientRequest,
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=config.connect_timeout),
     )
 
@@ -73,14 +70,19 @@ def strip_hop_by_hop(headers: Headers) -> CIMultiDict[str]:
     """Copy headers in order, keeping repeats, without hop-by-hop ones (RFC 9110 §7.6.1)."""
     # Copy in C, then delete the few hop-by-hop names present: far cheaper than a
     # Python loop over every header (this runs twice per request).
-    out: CIMultiDict[str] = CIMultiDict(headers)
+    return drop_hop_by_hop(CIMultiDict(headers))
+
+
+def drop_hop_by_hop(headers: CIMultiDict[str]) -> CIMultiDict[str]:
+    """Delete the hop-by-hop headers, those the Connection header names too, in place."""
+    listed = connection_tokens(headers)  # before Connection itself goes
     for name in HOP_BY_HOP:
-        if name in out:
-            del out[name]
-    for name in connection_tokens(headers):
-        if name in out:
-            del out[name]
-    return out
+        if name in headers:
+            del headers[name]
+    for name in listed:
+        if name in headers:
+            del headers[name]
+    return headers
 
 
 def connection_tokens(headers: Headers) -> frozenset[str]:

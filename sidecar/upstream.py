@@ -1,10 +1,13 @@
 """The forwarder: sends a ProxyRequest to the app and streams its answer back, byte for byte.
 
-What "faithful" means here, and why each setting below exists:
-- the request target is sent exactly as received (yarl `encoded=True`; no re-quoting);
-- bodies are never decompressed (`auto_decompress=False`) nor re-chunked needlessly;
-- aiohttp's client adds nothing the client did not send (`skip_auto_headers`), keeps no
-  cookies between users (`DummyCookieJar`) and follows no redirects;
+It speaks HTTP/1.1 to the app through sidecar.http1, a client that writes exactly what it
+is given and never resends anything on its own:
+- the request line carries the target exactly as the client sent it (a bare `?` too);
+- the headers go in the client's order with their original bytes, minus hop-by-hop ones,
+  plus the sidecar's documented additions (X-Forwarded-*, the request id); nothing else is
+  invented (a `Host` only when an HTTP/1.0 client sent none, as HTTP/1.1 requires one);
+- bodies keep their framing: Content-Length stays, chunked stays chunked, and nothing is
+  decompressed;
 - one pool per process, whose idle timeout sits below the app server's keep-alive timeout,
   so a pooled connection the app has just closed is never used for a POST.
 
@@ -21,11 +24,9 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
 
-import aiohttp
 from aiohttp import hdrs
-from yarl import URL
+from multidict import CIMultiDict
 
 from sidecar import errors
 from sidecar.chain import (
@@ -39,7 +40,8 @@ from sidecar.chain import (
     UpstreamFailure,
 )
 from sidecar.config import RouteConfig, UpstreamConfig
-from sidecar.relaying import app_client, app_origin, app_response
+from sidecar.http1 import AppConnection, AppPool, AppResponse
+from sidecar.relaying import NO_BODY_STATUSES, WHOLE, drop_hop_by_hop
 from sidecar.websocket import WebSocketRelay, is_websocket_upgrade
 
 
@@ -48,8 +50,8 @@ class _BodyStream:
     """The client's body streamed upstream (see ProxyRequest.stream_body).
 
     The route's response deadline starts when the body has been sent (`on_sent`), as in
-    Envoy: a large or slow upload is not a slow app. aiohttp sends the body from a task of
-    its own, so why the body stopped is noted here for `forward` to report.
+    Envoy: a large or slow upload is not a slow app. The body is sent from a task of its
+    own, so why it stopped is noted here for `forward` to report.
     """
 
     chunks: AsyncIterator[bytes]
@@ -71,20 +73,6 @@ class _BodyStream:
         """Re-raise what the client did wrong, if the body stopped because of the client."""
         if self.fault is not None:
             raise self.fault
-
-
-class _FaithfulClientRequest(aiohttp.ClientRequest):
-    """aiohttp's request, minus the `Content-Length: 0` it invents for bodiless POST/DELETE.
-
-    A request with neither Content-Length nor Transfer-Encoding has no body (RFC 9112 §6.3),
-    so the header adds nothing but a difference from what the client sent.
-    """
-
-    def update_body_from_data(self, body: Any, *args: Any, **kwargs: Any) -> None:
-        had_length = hdrs.CONTENT_LENGTH in self.headers
-        super().update_body_from_data(body, *args, **kwargs)
-        if body is None and not had_length:
-            self.headers.popall(hdrs.CONTENT_LENGTH, None)
 
 
 class ConnectionBudget:
@@ -145,36 +133,41 @@ class ConnectionBudget:
 class _Exchange:
     """One request on its way through a Forwarder, until its response is done with."""
 
-    __slots__ = ("_forwarder", "client", "upstream")
+    __slots__ = ("_forwarder", "client", "connection", "response")
 
     def __init__(self, forwarder: Forwarder, client: asyncio.BaseTransport | None) -> None:
         self._forwarder = forwarder
         self.client = client
-        self.upstream: aiohttp.ClientResponse | None = None
+        self.connection: AppConnection | None = None
+        self.response: AppResponse | None = None
 
     def finish(self) -> None:
-        """The response is done with: free its connection and its budget slot (once)."""
+        """The response is done with: its connection goes back to the pool if it may carry
+        another request (else it is closed), and the budget slot is freed (once)."""
         forwarder = self._forwarder
         if self not in forwarder._exchanges:
             return
-        if self.upstream is not None:
-            self.upstream.release()
         forwarder._exchanges.discard(self)
+        connection = self.connection
+        if connection is not None:
+            response = self.response
+            if response is not None and response.release():
+                forwarder.pool.put(connection)
+            elif response is None:
+                connection.abort()
         forwarder._budget.release()
 
     def cut(self) -> None:
         """The retired pool's deadline passed: end both connections so neither side hangs."""
-        if self.upstream is not None and self.upstream.connection is not None:
-            transport = self.upstream.connection.transport
-            if transport is not None:
-                transport.abort()
+        if self.connection is not None:
+            self.connection.abort()
         if self.client is not None:
             self.client.abort()  # type: ignore[attr-defined]
         self.finish()
 
 
 class Forwarder:
-    """The terminal step of every chain: one pooled aiohttp client per process.
+    """The terminal step of every chain: one pool of app connections per process.
 
     A reload that changes the upstream retires this forwarder (`retire`): it takes no new
     requests, closes when its last response is done, and at the deadline cuts what is
@@ -183,7 +176,8 @@ class Forwarder:
 
     def __init__(self, config: UpstreamConfig, budget: ConnectionBudget | None = None) -> None:
         self.config = config
-        self._origin = app_origin(config)  # made once: a request only appends its target
+        self._base_path = config.base_path
+        self._default_host = f"{config.host}:{config.port}"
         self._budget = budget if budget is not None else ConnectionBudget(config.max_connections)
         self._exchanges: set[_Exchange] = set()
         # Requests of the config generations that use this forwarder, from the moment they
@@ -191,7 +185,7 @@ class Forwarder:
         # request still reading its body or inside a policy has no exchange yet).
         self.users = 0
         self._drained: asyncio.Future[None] | None = None
-        self.session = app_client(config, config.max_connections, _FaithfulClientRequest)
+        self.pool = AppPool(config)
         # WebSocket sessions have connections of their own, never the request pool's.
         self.websockets = WebSocketRelay(config)
 
@@ -203,23 +197,17 @@ class Forwarder:
             drained.set_result(None)
 
     def for_route(self, route: RouteConfig) -> Next:
-        """The terminal step of one route's chain, its timeouts made once at config load.
+        """The terminal step of one route's chain.
 
         Failures come back as problem responses (with `failure` set), not exceptions, so
         they travel out through the chain like any response: tracing adds its headers,
         a breaker or retry policy sees what happened.
         """
-        timeout = aiohttp.ClientTimeout(
-            total=None,
-            sock_connect=self.config.connect_timeout,
-            # Bounds every read, so also the silence between two chunks of a streamed body.
-            sock_read=route.idle_timeout,
-        )
         forward = self.forward
 
         async def terminal(request: ProxyRequest) -> ProxyResponse:
             try:
-                return await forward(request, timeout)
+                return await forward(request)
             except BodyTooLarge as exc:
                 return errors.body_too_large(request, exc.limit)
             except ClientStalled as exc:
@@ -233,13 +221,14 @@ class Forwarder:
 
     async def close(self) -> None:
         await self.websockets.close()
-        await self.session.close()
+        self.pool.close()
 
     async def retire(self, deadline: float) -> None:
         """No new request comes here: close the idle pooled connections now, close the
         rest once the requests under way (WebSocket sessions included) are done, or cut
         them at `deadline` (event-loop time) so their clients see the connection end."""
-        self._close_idle_connections()
+        # Idle pooled connections would count against the budget the new pool shares.
+        self.pool.close_idle()
         loop = asyncio.get_running_loop()
         if self.users:
             self._drained = loop.create_future()
@@ -250,19 +239,9 @@ class Forwarder:
             exchange.cut()
         await self.close()
 
-    def _close_idle_connections(self) -> None:
-        # Idle pooled connections would count against the budget the new pool shares.
-        connector = self.session.connector
-        assert isinstance(connector, aiohttp.TCPConnector)
-        for connections in connector._conns.values():
-            for protocol, _ in connections:
-                protocol.close()
-        connector._conns.clear()
-
-    async def forward(
-        self, request: ProxyRequest, client_timeout: aiohttp.ClientTimeout
-    ) -> ProxyResponse:
-        route = request.route
+    async def forward(self, request: ProxyRequest) -> ProxyResponse:
+        """One attempt: a budget slot, a connection, the request written once, and the
+        response headers. Whatever fails is an UpstreamFailure naming what was sent."""
         if is_websocket_upgrade(request.raw.headers):
             return await self.websockets.connect(request)
         # Before any connection is taken: a small body is read whole, so a slow client
@@ -273,57 +252,83 @@ class Forwarder:
         loop = asyncio.get_running_loop()
         streamed = isinstance(body, _BodyStream)
         if not streamed and request.deadline is None:
-            request.deadline = loop.time() + route.timeout
+            request.deadline = loop.time() + request.route.timeout
         attempt = _AttemptTimer(request, loop)
-        if isinstance(body, _BodyStream):
+        chunked = request.chunked
+        head = self._request_head(request, chunked and body is not None)
+        payload = None
+        if isinstance(body, bytes):
+            # A buffered chunked body is sent chunked still, as the client framed it.
+            payload = b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body) if chunked else body
+        elif isinstance(body, _BodyStream):
             body.on_sent = attempt.body_sent
         exchange = _Exchange(self, request.raw.transport)
         await self._take_slot(request, attempt)
         self._exchanges.add(exchange)
-        request.upstream_sent = True  # from here on the app may see bytes of it
         sent_at = time.perf_counter()
         try:
             async with attempt.timer:
-                upstream = await self.session.request(
-                    request.method,
-                    self.upstream_url(request.target),
-                    headers=request.headers,
-                    data=body,
-                    # A buffered chunked body is sent chunked still, as the client framed it.
-                    chunked=True if isinstance(body, bytes) and request.chunked else None,
-                    allow_redirects=False,
-                    timeout=client_timeout,
+                connection = self.pool.take_idle() or await self.pool.connect()
+                exchange.connection = connection
+                request.upstream_sent = True  # from here on the app may see bytes of it
+                response = exchange.response = connection.send(
+                    head,
+                    payload,
+                    head_only=request.method == "HEAD",
+                    header_limit=self.config.max_response_header_size,
+                    idle_timeout=request.route.idle_timeout,
+                    early_hints=_early_hints_to(request),
                 )
+                if isinstance(body, _BodyStream):
+                    response.send_body(body, chunked)
+                await response.headers_received()
         except BaseException as exc:
             exchange.finish()
             if isinstance(body, _BodyStream):
                 body.raise_client_fault()
-            if isinstance(exc, aiohttp.ClientError):
-                # Before TimeoutError: aiohttp's socket timeouts are TimeoutErrors too.
-                raise errors.classify_client_error(exc) from None
-            if isinstance(exc, TimeoutError):
-                raise attempt.timed_out() from None
+            if isinstance(exc, TimeoutError) and attempt.timer.expired():
+                raise attempt.timed_out(request.upstream_sent) from None
             raise
-        exchange.upstream = upstream
         request.upstream_seconds = time.perf_counter() - sent_at
-        return app_response(request.method, upstream, exchange.finish)
+        return _relayed(response, exchange.finish)
+
+    def _request_head(self, request: ProxyRequest, chunked: bool) -> bytes:
+        """The request line and header fields, exactly as they will be written."""
+        headers = request.headers
+        fields = "\r\n".join(map(": ".join, headers.items()))
+        extra = "" if hdrs.HOST in headers else f"Host: {self._default_host}\r\n"
+        if chunked:
+            extra += "Transfer-Encoding: chunked\r\n"
+        head = (
+            f"{request.method} {self._base_path}{request.target} HTTP/1.1\r\n"
+            f"{fields}\r\n{extra}\r\n"
+        )
+        # One line per field and no stray CR: a value a policy set with a line break in it
+        # must not become a second header (or a second request) upstream.
+        lines = len(headers) + 2 + extra.count("\n")
+        if head.count("\n") != lines or head.count("\r") != lines:
+            raise UpstreamFailure(
+                Failure.INTERNAL,
+                errors.INTERNAL_ERROR,
+                "a request header value holds a line break",
+            )
+        return head.encode("utf-8", "surrogateescape")
 
     async def _take_slot(self, request: ProxyRequest, attempt: _AttemptTimer) -> None:
-        """A budget slot, waiting at most until the attempt's deadline (nothing sent yet)."""
+        """A budget slot, waiting at most `upstream.pool_timeout` (or until the attempt's
+        deadline if sooner): nothing is sent yet, so a failure here is always safe to retry."""
         if self._budget.try_acquire():
             return
+        wait = min(self.config.pool_timeout, attempt.slot_wait())
         try:
-            async with asyncio.timeout(attempt.slot_wait()):
+            async with asyncio.timeout(wait):
                 await self._budget.acquire()
         except TimeoutError:
             raise UpstreamFailure(
                 Failure.POOL,
                 errors.UPSTREAM_POOL_EXHAUSTED,
-                f"all {self._budget.limit} upstream connections stayed busy",
+                f"all {self._budget.limit} upstream connections stayed busy for {wait:g}s",
             ) from None
-
-    def upstream_url(self, target: str) -> URL:
-        return URL(self._origin + target, encoded=True)
 
     async def _request_body(self, request: ProxyRequest) -> bytes | _BodyStream:
         raw = request.raw
@@ -336,6 +341,33 @@ class Forwarder:
             assert request.body is not None
             return request.body
         return _BodyStream(request.stream_body(route.max_body))
+
+
+def _early_hints_to(request: ProxyRequest) -> Callable[[bytes], None] | None:
+    """Where the app's `103 Early Hints` go: straight to an HTTP/1.1 client (RFC 9110
+    §15.2: never to an HTTP/1.0 one)."""
+    raw = request.raw
+    transport = raw.transport
+    if transport is None or raw.version < (1, 1):
+        return None
+    return transport.write
+
+
+def _relayed(response: AppResponse, release: Callable[[], None]) -> ProxyResponse:
+    """The app's answer as it arrived: no body (HEAD, 204, 304), a small body that came
+    whole with its headers (relayed in one write), or a body streamed as it arrives.
+    `release` frees the connection once the body is done with (at once when whole)."""
+    headers = drop_hop_by_hop(CIMultiDict(response.headers))
+    status = response.status
+    if response.head_only or status in NO_BODY_STATUSES:
+        release()
+        return ProxyResponse(status, headers, None, response.reason)
+    if response.complete and hdrs.CONTENT_LENGTH in headers and response.buffered <= WHOLE:
+        # Bounded, so large bodies still stream instead of being held in memory per request.
+        body = response.take_body()
+        release()
+        return ProxyResponse(status, headers, body, response.reason)
+    return ProxyResponse(status, headers, response.body(), response.reason, release=release)
 
 
 class _AttemptTimer:
@@ -370,13 +402,16 @@ class _AttemptTimer:
         with contextlib.suppress(RuntimeError):
             self.timer.reschedule(self._ends())
 
-    def timed_out(self) -> UpstreamFailure:
+    def timed_out(self, sent: bool) -> UpstreamFailure:
+        if not sent:
+            # Still connecting when the deadline came: nothing was written.
+            return UpstreamFailure(
+                Failure.CONNECT_TIMEOUT,
+                errors.UPSTREAM_TIMEOUT,
+                "the deadline passed while connecting to the upstream",
+            )
         return UpstreamFailure(
             Failure.TIMEOUT,
             errors.UPSTREAM_TIMEOUT,
             f"no response from the upstream within {self._request.route.timeout:g}s",
         )
-
-
-def _nothing() -> None:
-    pass

@@ -154,6 +154,8 @@ UPSTREAM: Schema = {
     "connect_timeout": duration(allow_zero=False),
     "max_connections": integer(minimum=1),
     "idle_timeout": duration(allow_zero=False),
+    "pool_timeout": duration(allow_zero=False),
+    "max_response_header_size": size(minimum=1024),
     "health_path": optional(_path),
     "websocket_max_message": size(minimum=1),
     "websocket_idle_timeout": duration(allow_zero=True),

@@ -61,6 +61,10 @@ class UpstreamConfig:
     # Pooled keep-alive connections are dropped after this long idle: below gunicorn's 2 s and
     # uvicorn's/Node's 5 s, so the app never closes a connection we are about to reuse.
     idle_timeout: float = 1.5
+    # Longest wait for a free connection when all max_connections are busy (then 503).
+    pool_timeout: float = 1.0
+    # Largest response head (status line and header fields, 1xx heads included) accepted.
+    max_response_header_size: int = 64 * 1024
     # Readiness probes the upstream with a TCP connect, or an HTTP GET of this path if set.
     health_path: str | None = None
     # Largest WebSocket message relayed (aiohttp's default is 4 MiB on both sides).

@@ -42,14 +42,7 @@ TARGETS = [
     "/p/%2e%2e/q/%2E/r",
     "/x/./y/../z",
     "//double//slashes//",
-    pytest.param(
-        "/empty-query?",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="Known limitation: a bare '?' with an empty query is dropped, because "
-            "yarl (aiohttp's URL type) cannot represent an empty query; see docs/errors.md",
-        ),
-    ),
+    "/empty-query?",
     "/only?&&=&",
     "/plus+sign?k=%2B+%20&k2=a%26b%3Dc",
     "/bad-escape?q=%zz%",

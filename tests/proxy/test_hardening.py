@@ -325,7 +325,7 @@ async def test_a_retired_pool_lets_requests_under_way_finish_then_closes() -> No
                 writer.close()
                 # Its last request done, the old pool closes long before its grace ends.
                 await wait_until(lambda: not sc.sidecar._retired, timeout=TEST_TIMEOUT)
-                assert retiring.session.closed
+                assert retiring.pool.closed and retiring.pool.open_connections == 0
         finally:
             old.release.set()
             os.unlink(path)

@@ -23,7 +23,6 @@ import time
 from email.utils import formatdate
 from random import getrandbits
 
-import aiohttp
 from aiohttp import hdrs
 from multidict import CIMultiDict
 from prometheus_client import Counter
@@ -32,11 +31,13 @@ from sidecar import errors
 from sidecar.chain import (
     BodyTooLarge,
     ClientStalled,
+    Failure,
     Next,
     Origin,
     Policy,
     ProxyRequest,
     ProxyResponse,
+    UpstreamBodyBroken,
     UpstreamFailure,
     chain_chunks,
 )
@@ -305,12 +306,14 @@ class IdempotencyPolicy:
             return response
         try:
             body = await self._capture(response)
-        except (aiohttp.ClientError, TimeoutError):
+        except (UpstreamBodyBroken, TimeoutError):
             # The app's body broke off: what it did is unknown; leave the claim to expire.
             if response.release is not None:
                 response.release()
             failure = UpstreamFailure(
-                "stream", errors.UPSTREAM_BODY_BROKEN, "the upstream's response body broke off"
+                Failure.STREAM,
+                errors.UPSTREAM_BODY_BROKEN,
+                "the upstream's response body broke off",
             )
             return errors.failure_response(request, failure)
         expires_ms = int((time.time() + self._config.ttl) * 1000)

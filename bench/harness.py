@@ -1,9 +1,10 @@
 """bench/run's orchestration: check targets, start services, run wrk interleaved, report.
 
 One run goes: work out which targets the sidecar can serve yet (check-config), then for each
-pinning mode start the backend, Redis and one proxy per target, warm every target up at a
-concurrency, and measure them round-robin (A B C ... A B C ...) so machine drift hits all
-alike; then the streaming check; then results.json, results.md and results.png.
+pinning mode start the backend, Redis and one proxy per target (nginx, the naive aiohttp
+proxy, sidecars), warm every target up at a concurrency, and measure them round-robin
+(A B C ... A B C ...) so machine drift hits all alike; then the streaming check; then
+results.json, results.md and results.png.
 
 Run it through bench/run, which installs the tools and picks the virtualenv first.
 """
@@ -22,7 +23,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -41,20 +42,31 @@ from measure import (
 from services import (
     REGISTRY,
     REPO_DIR,
+    RUN_DIR,
     WORK_DIR,
     Ports,
     SidecarSource,
     Started,
     allocate_ports,
     check_config,
+    prepare_run_dir,
     sidecar_config,
     start_backend,
+    start_naive,
     start_nginx,
     start_redis,
     start_sidecar,
     write_sidecar_config,
 )
-from targets import BENCH_DIR, TARGETS, Pinning, Target, policy_fragments, select
+from targets import (
+    BENCH_DIR,
+    STREAM_TARGETS,
+    TARGETS,
+    Pinning,
+    Target,
+    policy_fragments,
+    select,
+)
 
 # On this 2-core machine: the proxy under test gets core 1 to itself; wrk, the backend nginx
 # and Redis share core 0. Unpinned runs let the kernel place everything.
@@ -80,13 +92,14 @@ def parse_list(text: str) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bench/run",
-        description="Benchmark the sidecar against a direct call and nginx (see bench/README.md).",
+        description="Benchmark the sidecar against a direct call, nginx and a naive aiohttp "
+        "proxy (see bench/README.md).",
     )
     parser.add_argument(
         "--smoke",
         action="store_true",
-        help="seconds-long check that everything works: direct, nginx and "
-        "pass-through, 1 run of 1 s at 32 connections, pinned, small "
+        help="seconds-long check that everything works: direct, nginx, naive, "
+        "pass-through and default, 1 run of 1 s at 32 connections, pinned, small "
         "streaming check; results go to bench/.work/smoke-results",
     )
     parser.add_argument(
@@ -172,8 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--instructions",
         action="store_true",
-        help="count instructions per request under callgrind instead (GET targets; default "
-        "passthrough,tracing): repeatable where CPU seconds drift (see instructions.py)",
+        help="count instructions per request under callgrind instead (GET targets of the "
+        "sidecar and naive; default passthrough,naive,tracing): repeatable where CPU seconds "
+        "drift (see instructions.py)",
     )
     parser.add_argument(
         "--instr-requests",
@@ -304,14 +318,8 @@ def check_tools() -> None:
         raise SystemExit(f"missing tools: {', '.join(missing)} (bench/run installs them)")
 
 
-def prepare_work_dir() -> None:
-    for sub in ("logs", "conf", "wrk"):
-        shutil.rmtree(WORK_DIR / sub, ignore_errors=True)
-        (WORK_DIR / sub).mkdir(parents=True)
-
-
 def write_backend_files(stream_size: int) -> Path:
-    files = WORK_DIR / "files"
+    files = RUN_DIR / "files"
     files.mkdir(parents=True, exist_ok=True)
     for name, size in (("body-16k.bin", 16 * 2**10), ("body-1m.bin", 2**20)):
         path = files / name
@@ -381,8 +389,14 @@ def machine_info() -> dict[str, Any]:
             if line.startswith("model name"):
                 cpu_model = line.split(":", 1)[1].strip()
                 break
-    import aiohttp  # the venv's, which is what the sidecar runs on
+    import aiohttp  # the venv's, which is what the sidecar and the naive proxy run on
 
+    try:
+        import uvloop
+
+        uvloop_version = uvloop.__version__
+    except ImportError:
+        uvloop_version = "not installed"
     commit = SidecarSource.label or working_tree_label()
     return {
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -391,6 +405,7 @@ def machine_info() -> dict[str, Any]:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "aiohttp": aiohttp.__version__,
+        "uvloop": uvloop_version,
         "nginx": tool_version(["nginx", "-v"], r"nginx/(\S+)"),
         "wrk": tool_version(["wrk", "-v"], r"wrk (\S+)"),
         "redis": tool_version(["redis-server", "--version"], r"v=(\S+)"),
@@ -456,6 +471,8 @@ def phase_services(
                     port,
                     proxy,
                 )
+            elif target.kind == "naive":
+                phase.proxies[target.name] = start_naive(target.name, port, ports.backend, proxy)
             elif target.kind == "sidecar":
                 config = availability[target.name].config
                 assert config is not None
@@ -627,11 +644,12 @@ def log_problems(started: Started) -> dict[str, Any]:
     counted by kind: the exception a traceback ends with, the event of a JSON line."""
     paths = [started.log]
     if started.name.startswith("nginx-"):
-        paths.append(WORK_DIR / started.name / "error.log")
+        paths.append(RUN_DIR / started.name / "error.log")
     kinds: dict[str, int] = {}
     for path in paths:
-        with contextlib.suppress(OSError):
-            for kind in _problem_kinds(path.read_text(errors="replace").splitlines()):
+        # Line by line: with the access log on, a log holds hundreds of thousands of lines.
+        with contextlib.suppress(OSError), path.open(errors="replace") as lines:
+            for kind in _problem_kinds(line.rstrip("\n") for line in lines):
                 kinds[kind] = kinds.get(kind, 0) + 1
     ranked = sorted(kinds.items(), key=lambda kv: -kv[1])
     return {
@@ -640,7 +658,7 @@ def log_problems(started: Started) -> dict[str, Any]:
     }
 
 
-def _problem_kinds(lines: list[str]) -> Iterator[str]:
+def _problem_kinds(lines: Iterable[str]) -> Iterator[str]:
     in_traceback = False
     for line in lines:
         if line.startswith("Traceback"):
@@ -665,46 +683,70 @@ def _problem_kinds(lines: list[str]) -> Iterator[str]:
 
 
 def streaming_check(ports: Ports, files: Path, size: int) -> dict[str, Any]:
-    """RSS of a pass-through sidecar while `size` bytes go up, then down, through it."""
-    passthrough = next(t for t in TARGETS if t.name == "passthrough")
-    port, admin = ports.stream
-    config = write_sidecar_config(
-        "stream", sidecar_config(passthrough, ports, policy_fragments(), listen=ports.stream)
-    )
-    timeout = max(60.0, size / 2**20)  # at least 1 MiB/s, or something is badly wrong
+    """RSS of each streaming proxy (STREAM_TARGETS, one at a time, unpinned) while `size`
+    bytes go up, then down, through it."""
+    by_name = {t.name: t for t in TARGETS}
+    # Bounded: a transfer slower than 8 MiB/s (the sidecar does ~300 up, ~1000 down) is
+    # stopped by curl's --max-time and reported incomplete.
+    timeout = max(60.0, size / (8 * 2**20))
+    proxies: dict[str, dict[str, Any]] = {}
     try:
         start_backend(ports.backend, files, None)
-        sidecar = start_sidecar("stream", config, port, admin, 1, None)
-        base = f"http://127.0.0.1:{port}"
-        log(f"streaming check: {size / 2**20:.0f} MiB up and down through the sidecar")
-        received = WORK_DIR / "nginx-backend" / "upload" / "received.bin"
-        received.unlink(missing_ok=True)
-        upload = stream_through(
-            sidecar.pid,
-            [
-                "-T",
-                str(files / "big.bin"),
-                "-H",
-                "Content-Type: application/octet-stream",
-                f"{base}/upload",
-            ],
-            size,
-            "upload",
-            timeout,
-        )
-        upload["backend_stored_bytes"] = received.stat().st_size if received.exists() else 0
-        upload["complete"] = upload["complete"] and upload["backend_stored_bytes"] == size
-        received.unlink(missing_ok=True)
-        download = stream_through(sidecar.pid, [f"{base}/big"], size, "download", timeout)
+        for name in STREAM_TARGETS:
+            port, admin = ports.stream[name]
+            target = by_name[name]
+            if target.kind == "naive":
+                started = start_naive(f"stream-{name}", port, ports.backend, None)
+            else:
+                config = write_sidecar_config(
+                    f"stream-{name}",
+                    sidecar_config(target, ports, policy_fragments(), listen=(port, admin)),
+                )
+                started = start_sidecar(f"stream-{name}", config, port, admin, 1, None)
+            log(f"streaming check: {size / 2**20:.0f} MiB up and down through {name}")
+            try:
+                proxies[name] = stream_both(
+                    started, f"http://127.0.0.1:{port}", files, size, timeout
+                )
+            finally:
+                REGISTRY.stop(started)
     finally:
         REGISTRY.stop_all()
-    for result in (upload, download):
-        log(
-            f"  {result['direction']}: {result['bytes'] / 2**20:.0f} MiB, status "
-            f"{result['status']}, {result['mib_per_s']} MiB/s, RSS {result['baseline_rss_mib']}"
-            f" -> peak {result['peak_rss_mib']} MiB (+{result['growth_mib']} MiB)"
-        )
-    return {"size_bytes": size, "upload": upload, "download": download}
+    for name, result in proxies.items():
+        for direction in ("upload", "download"):
+            r = result[direction]
+            log(
+                f"  {name:12} {direction:8}: {r['bytes'] / 2**20:.0f} MiB, status {r['status']}, "
+                f"{r['mib_per_s']} MiB/s, RSS {r['baseline_rss_mib']} -> peak "
+                f"{r['peak_rss_mib']} MiB (+{r['growth_mib']} MiB)"
+            )
+    return {"size_bytes": size, "timeout_s": timeout, "proxies": proxies}
+
+
+def stream_both(
+    started: Started, base: str, files: Path, size: int, timeout: float
+) -> dict[str, Any]:
+    """One PUT of `size` bytes to the backend's sink and one GET of as many, through a proxy."""
+    received = RUN_DIR / "nginx-backend" / "upload" / "received.bin"
+    received.unlink(missing_ok=True)
+    upload = stream_through(
+        started.pid,
+        [
+            "-T",
+            str(files / "big.bin"),
+            "-H",
+            "Content-Type: application/octet-stream",
+            f"{base}/upload",
+        ],
+        size,
+        "upload",
+        timeout,
+    )
+    upload["backend_stored_bytes"] = received.stat().st_size if received.exists() else 0
+    upload["complete"] = upload["complete"] and upload["backend_stored_bytes"] == size
+    received.unlink(missing_ok=True)
+    download = stream_through(started.pid, [f"{base}/big"], size, "download", timeout)
+    return {"upload": upload, "download": download}
 
 
 # --- main ---------------------------------------------------------------------------------
@@ -727,7 +769,9 @@ def planned_targets(
 def estimate_seconds(plan: dict[Pinning, list[Target]], settings: Settings) -> int:
     per_target = settings.warmup + settings.runs * (settings.duration + 0.3)
     runs = sum(len(ts) for ts in plan.values()) * len(settings.connections) * per_target
-    return int(runs + 10 * len(plan) + (30 if settings.stream else 0))
+    # The streaming check: a start, a stop and two transfers per proxy.
+    stream = len(STREAM_TARGETS) * (6 + 2 * settings.stream_size / (200 * 2**20))
+    return int(runs + 10 * len(plan) + (stream if settings.stream else 0))
 
 
 def print_availability(targets: list[Target], availability: dict[str, Availability]) -> None:
@@ -741,7 +785,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     install_cleanup()
     check_tools()
-    prepare_work_dir()
+    prepare_run_dir()
     if args.at_commit:
         SidecarSource.snapshot(args.at_commit)
         log(f"sidecar code: {SidecarSource.label}, in {SidecarSource.directory}")
@@ -824,6 +868,7 @@ def target_json(target: Target, found: Availability) -> dict[str, Any]:
         "state": target.state if target.kind == "sidecar" else None,
         "workers": target.workers,
         "access_log": target.access_log,
+        "shipped_defaults": target.shipped_defaults,
         "status": found.status,
         "detail": found.detail,
     }
@@ -832,8 +877,13 @@ def target_json(target: Target, found: Availability) -> dict[str, Any]:
 def smoke_verdict(results: dict[str, Any]) -> int:
     """Smoke mode fails (for CI) when a run served nothing or saw errors."""
     bad = [r for r in results["runs"] if r["requests"] == 0 or sum(r["errors"].values())]
-    stream = results.get("streaming") or {}
-    bad_stream = [d for d in ("upload", "download") if d in stream and not stream[d]["complete"]]
+    proxies = (results.get("streaming") or {}).get("proxies", {})
+    bad_stream = [
+        f"{name} {direction}"
+        for name, result in proxies.items()
+        for direction in ("upload", "download")
+        if not result[direction]["complete"]
+    ]
     if bad or bad_stream:
         print(
             f"SMOKE FAILED: {len(bad)} bad runs, streaming problems: {bad_stream}", file=sys.stderr

@@ -5,7 +5,9 @@ more than a 5 % budget (tracing's) can be judged by. Instructions do not drift: 
 sidecar runs under valgrind's callgrind, serves a warm-up, has its counters zeroed, serves a
 fixed number of keep-alive GETs from a minimal client, and the counters are dumped. The same
 code path gives the same count to within ~1 %. Slow (valgrind runs Python ~50x slower), so
-it measures a few GET targets, not the whole table.
+it measures a few GET targets, not the whole table. The naive aiohttp proxy
+(bench/naive_proxy.py) is counted the same way, so the aims against it (pass-through
+<= 0.7x, the default config <= 1.0x its CPU per request) can be read in instructions too.
 """
 
 from __future__ import annotations
@@ -20,18 +22,22 @@ from typing import Any
 
 from services import (
     REGISTRY,
-    WORK_DIR,
+    RUN_DIR,
     SidecarSource,
     allocate_ports,
     http_status,
+    naive_argv,
     sidecar_config,
     start_backend,
     wait_until,
     write_sidecar_config,
 )
-from targets import Target, policy_fragments, select
+from targets import NAIVE, Target, policy_fragments, select
 
 REFERENCE = "passthrough"
+DEFAULT_TARGETS = [REFERENCE, NAIVE, "tracing"]
+# The aims against the naive proxy (bench/report.py has the same, for CPU seconds).
+NAIVE_AIMS = {"passthrough": 0.7, "default": 1.0}
 REQUEST = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"  # the backend's 100-byte answer
 
 
@@ -63,34 +69,38 @@ def _content_length(head: bytes) -> int:
 
 
 def count_target(target: Target, ports: Any, fragments: Any, warmup: int, requests: int) -> int:
-    """Instructions the target's sidecar spent on `requests` requests."""
+    """Instructions the target's proxy (a sidecar, or the naive proxy) spent on `requests`
+    requests."""
     port, admin = ports.proxies[target.name]
-    path = write_sidecar_config(target.name, sidecar_config(target, ports, fragments))
-    out = WORK_DIR / "callgrind" / f"{target.name}.out"
+    out = RUN_DIR / "callgrind" / f"{target.name}.out"
     out.parent.mkdir(parents=True, exist_ok=True)
     for old in out.parent.glob(f"{target.name}.out*"):
         old.unlink()
-    argv = [
-        "valgrind",
-        "--tool=callgrind",
-        f"--callgrind-out-file={out}",
-        sys.executable,
-        "-m",
-        "sidecar",
-        "run",
-        "--config",
-        str(path),
-    ]
-    started = REGISTRY.start(
-        f"callgrind-{target.name}",
-        argv,
-        cpus=None,
-        log=WORK_DIR / "logs" / f"callgrind-{target.name}.log",
-        env=SidecarSource.env(),
-        cwd=SidecarSource.directory,
-    )
+    valgrind = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
+    log = RUN_DIR / "logs" / f"callgrind-{target.name}.log"
+    if target.kind == "naive":
+        argv = [*valgrind, *naive_argv(port, ports.backend)]
+        started = REGISTRY.start(f"callgrind-{target.name}", argv, cpus=None, log=log)
+        # No admin port: ready once a GET through it is answered.
+        ready_port, ready_path = port, "/"
+    else:
+        path = write_sidecar_config(target.name, sidecar_config(target, ports, fragments))
+        argv = [*valgrind, sys.executable, "-m", "sidecar", "run", "--config", str(path)]
+        started = REGISTRY.start(
+            f"callgrind-{target.name}",
+            argv,
+            cpus=None,
+            log=log,
+            env=SidecarSource.env(),
+            cwd=SidecarSource.directory,
+        )
+        ready_port, ready_path = admin, "/live"
     try:
-        wait_until(lambda: http_status(admin, "/live") == 200, started, "sidecar under valgrind")
+        wait_until(
+            lambda: http_status(ready_port, ready_path, timeout=10.0) == 200,
+            started,
+            f"{target.name} under valgrind",
+        )
         keep_alive_gets(port, warmup)
         subprocess.run(
             ["callgrind_control", "-z", str(started.pid)], check=True, capture_output=True
@@ -120,13 +130,18 @@ def _wait_for_dump(out: Path, timeout: float = 60.0) -> int:
 
 def main(names: list[str] | None, port_base: int, requests: int, out_dir: Path, files: Path) -> int:
     targets = [
-        t for t in select(names or [REFERENCE, "tracing"], smoke=False) if t.kind == "sidecar"
+        t for t in select(names or DEFAULT_TARGETS, smoke=False) if t.kind in ("sidecar", "naive")
     ]
     if REFERENCE not in [t.name for t in targets]:
         targets.insert(0, next(t for t in select([REFERENCE], smoke=False)))
-    unsupported = [t.name for t in targets if t.script != "get" or t.state == "redis"]
+    unsupported = [
+        t.name for t in targets if t.script != "get" or t.state == "redis" or t.body != "100B"
+    ]
     if unsupported:
-        raise SystemExit(f"instructions: GET targets on the memory store only, not {unsupported}")
+        raise SystemExit(
+            f"instructions: GET targets with 100-byte bodies on the memory store only, "
+            f"not {unsupported}"
+        )
     ports = allocate_ports(targets, port_base)
     fragments = policy_fragments()
     backend = start_backend(ports.backend, files, None)
@@ -143,22 +158,41 @@ def main(names: list[str] | None, port_base: int, requests: int, out_dir: Path, 
 
 def _report(per_request: dict[str, float], requests: int, out_dir: Path) -> int:
     reference = per_request[REFERENCE]
+    naive = per_request.get(NAIVE)
+    naive_column = f" \u00d7 {NAIVE} |" if naive else ""
     lines = [
         "# Instructions per request",
         "",
         f"Counted with valgrind's callgrind: {requests} keep-alive GETs per target after a"
         " 300-request warm-up, 100-byte backend responses, memory store. Repeatable to ~1 %,",
         "so differences of a few percent are real (unlike CPU seconds on a shared machine).",
+        "`naive` is the naive aiohttp proxy (bench/naive_proxy.py) counted the same way.",
         "",
-        f"| target | instructions per request | \u00d7 {REFERENCE} |",
-        "|---|---|---|",
+        f"| target | instructions per request | \u00d7 {REFERENCE} |{naive_column}",
+        "|---|---|---|" + ("---|" if naive else ""),
     ]
     for name, count in per_request.items():
-        lines.append(f"| `{name}` | {count:,.0f} | {count / reference:.3f} |")
+        line = f"| `{name}` | {count:,.0f} | {count / reference:.3f} |"
+        if naive:
+            line += f" {count / naive:.3f} |"
+        lines.append(line)
+    verdicts = {}
+    if naive:
+        judged = [(n, limit) for n, limit in NAIVE_AIMS.items() if n in per_request]
+        if judged:
+            lines += ["", "The aims against the naive proxy, read in instructions:", ""]
+        for name, limit in judged:
+            ratio = per_request[name] / naive
+            verdict = "PASS" if ratio <= limit else "MISS"
+            verdicts[name] = {"ratio": round(ratio, 3), "limit": limit, "verdict": verdict}
+            lines.append(f"- `{name}` <= {limit:g}\u00d7 naive: {ratio:.3f}\u00d7, **{verdict}**")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "instructions.md").write_text("\n".join(lines) + "\n")
     (out_dir / "instructions.json").write_text(
-        json.dumps({"requests": requests, "per_request": per_request}, indent=2) + "\n"
+        json.dumps(
+            {"requests": requests, "per_request": per_request, "vs_naive": verdicts}, indent=2
+        )
+        + "\n"
     )
     print("\n".join(lines))
     return 0

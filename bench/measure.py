@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from services import WORK_DIR, Started, redis_total_calls, start_time
+from services import RUN_DIR, Started, redis_total_calls, start_time
 from targets import BENCH_DIR
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -106,7 +106,7 @@ def peak_rss_mib(started: Started) -> float | None:
 
 def wrk_script(name: str) -> Path:
     """bench/wrk/report.lua (headers + result line) followed by the target's own script."""
-    out = WORK_DIR / "wrk" / f"{name}.lua"
+    out = RUN_DIR / "wrk" / f"{name}.lua"
     out.parent.mkdir(parents=True, exist_ok=True)
     wrk_dir = BENCH_DIR / "wrk"
     parts = [(wrk_dir / "report.lua").read_text(), (wrk_dir / f"{name}.lua").read_text()]

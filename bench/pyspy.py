@@ -23,7 +23,7 @@ from pathlib import Path
 from measure import RESULT_MARK, CpuSnapshot, wrk_script
 from services import (
     REGISTRY,
-    WORK_DIR,
+    RUN_DIR,
     allocate_ports,
     sidecar_config,
     start_backend,
@@ -303,7 +303,7 @@ def main(seconds: int, port_base: int, files: Path, code_label: str) -> int:
     port, admin = ports.proxies["passthrough"]
     config = write_sidecar_config("profile", sidecar_config(passthrough, ports, policy_fragments()))
     RESULTS.mkdir(parents=True, exist_ok=True)
-    raw = WORK_DIR / "passthrough-profile.raw.txt"
+    raw = RUN_DIR / "passthrough-profile.raw.txt"
     try:
         start_backend(ports.backend, files, "0")
         sidecar = start_sidecar("profile", config, port, admin, 1, "1")
@@ -323,7 +323,7 @@ def main(seconds: int, port_base: int, files: Path, code_label: str) -> int:
                 f"http://127.0.0.1:{port}/",
             ],
             cpus="0",
-            log=WORK_DIR / "logs" / "wrk-profile.log",
+            log=RUN_DIR / "logs" / "wrk-profile.log",
         )
         time.sleep(3)  # warm up before sampling
         before = CpuSnapshot.take([sidecar.pid])
@@ -337,7 +337,7 @@ def main(seconds: int, port_base: int, files: Path, code_label: str) -> int:
         wrk.popen.wait(timeout=load_seconds + 30)
     finally:
         REGISTRY.stop_all()
-    rps = wrk_rps(WORK_DIR / "logs" / "wrk-profile.log")
+    rps = wrk_rps(RUN_DIR / "logs" / "wrk-profile.log")
     cpu_us = cpu_s * 1e6 / (rps * elapsed) if cpu_s and rps else None
     summary = summary_markdown(parse_collapsed(raw.read_text()), rps, cpu_us, code_label)
     (RESULTS / "profile-summary.md").write_text(summary)

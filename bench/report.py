@@ -16,8 +16,15 @@ from typing import Any
 
 from targets import TARGETS, reference_names
 
-# The aims of the benchmark issue (#3); ratios are taken pinned at REF_CONNECTIONS.
+# The aims; ratios are taken pinned at REF_CONNECTIONS, 100-byte bodies.
 REF_CONNECTIONS = 32
+# Against the naive aiohttp proxy (bench/naive_proxy.py): CPU per request at saturation.
+AIM_PASSTHROUGH_VS_NAIVE_CPU = 0.7
+AIM_DEFAULT_VS_NAIVE_CPU = 1.0
+# The default config (tracing and access log on) at 1 connection, unpinned, over direct.
+AIM_DEFAULT_ADDED_P50_MS = 0.25
+AIM_DEFAULT_ADDED_P99_MS = 0.6
+# The benchmark issue's (#3).
 AIM_PASSTHROUGH_VS_NGINX_CPU = 12.0
 AIM_ALL_VS_NGINX_CPU = 14.0
 AIM_ALL_VS_PASSTHROUGH_RPS = 0.85
@@ -99,7 +106,8 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def _add_ratios(rows: dict[Key, Row]) -> None:
-    """Each row against direct, nginx and pass-through of the same body size, same load."""
+    """Each row against direct, nginx, naive and pass-through of the same body size, same
+    load."""
     by_name = {t.name: t for t in TARGETS}
     for (pinning, conns, name), row in rows.items():
         refs = reference_names(by_name[name]) if name in by_name else {}
@@ -112,6 +120,8 @@ def _add_ratios(rows: dict[Key, Row]) -> None:
         row["x_direct_rps"] = _ratio(row["rps_median"], ref("direct").get("rps_median"))
         row["x_nginx_rps"] = _ratio(row["rps_median"], ref("nginx").get("rps_median"))
         row["x_nginx_cpu"] = _ratio(row["cpu_us_per_req"], ref("nginx").get("cpu_us_per_req"))
+        row["x_naive_rps"] = _ratio(row["rps_median"], ref("naive").get("rps_median"))
+        row["x_naive_cpu"] = _ratio(row["cpu_us_per_req"], ref("naive").get("cpu_us_per_req"))
         row["x_pass_rps"] = _ratio(row["rps_median"], ref("passthrough").get("rps_median"))
         row["x_pass_cpu"] = _ratio(row["cpu_us_per_req"], ref("passthrough").get("cpu_us_per_req"))
 
@@ -133,6 +143,9 @@ class Aim:
     where: str
     measured: str
     verdict: str  # PASS, MISS, or N/A
+    # The figure judged (a ratio, or ms / MiB where the aim says so) and its limit.
+    value: float | None = None
+    limit: float | None = None
 
 
 def _spread(row: Row | None) -> str:
@@ -177,7 +190,29 @@ def evaluate_aims(results: dict[str, Any], rows: dict[Key, Row]) -> list[Aim]:
         return rows.get((pinning, c, name))
 
     aims: list[Aim] = []
-    # 1. pass-through CPU per request vs nginx.
+    # CPU per request against the naive aiohttp proxy: pass-through and the default config.
+    naive = row("pinned", conns, "naive")
+    for name, label, limit in (
+        ("passthrough", "pass-through (tracing and access log off)", AIM_PASSTHROUGH_VS_NAIVE_CPU),
+        ("default", "default config (tracing and access log on)", AIM_DEFAULT_VS_NAIVE_CPU),
+    ):
+        r = row("pinned", conns, name)
+        aim = f"{label}: CPU/request <= {limit:g}x the naive proxy's"
+        if r and naive and r["x_naive_cpu"] is not None:
+            aims.append(
+                Aim(
+                    aim,
+                    pinned,
+                    f"{r['x_naive_cpu']:.2f}x ({_spread(r)} vs naive {_spread(naive)})"
+                    + (" - within the run-to-run spread" if _overlap(r, naive) else ""),
+                    _check(r["x_naive_cpu"] <= limit),
+                    r["x_naive_cpu"],
+                    limit,
+                )
+            )
+        else:
+            aims.append(Aim(aim, pinned, _missing(results, name, "naive"), "N/A", limit=limit))
+    # Pass-through CPU per request vs nginx.
     p, n = row("pinned", conns, "passthrough"), row("pinned", conns, "nginx")
     aim = f"pass-through CPU/request <= {AIM_PASSTHROUGH_VS_NGINX_CPU:g}x nginx"
     if p and n and p["x_nginx_cpu"] is not None:
@@ -188,6 +223,8 @@ def evaluate_aims(results: dict[str, Any], rows: dict[Key, Row]) -> list[Aim]:
                 f"{p['x_nginx_cpu']:.1f}x ({p['cpu_us_per_req']:.1f} us "
                 f"vs {n['cpu_us_per_req']:.1f} us)",
                 _check(p["x_nginx_cpu"] <= AIM_PASSTHROUGH_VS_NGINX_CPU),
+                p["x_nginx_cpu"],
+                AIM_PASSTHROUGH_VS_NGINX_CPU,
             )
         )
     else:
@@ -204,6 +241,8 @@ def evaluate_aims(results: dict[str, Any], rows: dict[Key, Row]) -> list[Aim]:
                 f"{t['x_pass_cpu']:.2f}x ({_spread(t)} vs pass-through {_spread(p)})"
                 + (" - within the run-to-run spread" if p and _overlap(t, p) else ""),
                 _check(t["x_pass_cpu"] <= limit),
+                t["x_pass_cpu"],
+                limit,
             )
         )
     else:
@@ -219,6 +258,8 @@ def evaluate_aims(results: dict[str, Any], rows: dict[Key, Row]) -> list[Aim]:
                     pinned,
                     f"{a['x_nginx_cpu']:.1f}x ({a['cpu_us_per_req']:.1f} us)",
                     _check(a["x_nginx_cpu"] <= AIM_ALL_VS_NGINX_CPU),
+                    a["x_nginx_cpu"],
+                    AIM_ALL_VS_NGINX_CPU,
                 )
             )
         else:
@@ -237,6 +278,8 @@ def evaluate_aims(results: dict[str, Any], rows: dict[Key, Row]) -> list[Aim]:
                     pinned,
                     f"{a['x_pass_rps']:.2f}x ({a['rps_median']:.0f} req/s)",
                     _check(a["x_pass_rps"] >= AIM_ALL_VS_PASSTHROUGH_RPS),
+                    a["x_pass_rps"],
+                    AIM_ALL_VS_PASSTHROUGH_RPS,
                 )
             )
         else:
@@ -258,6 +301,8 @@ def evaluate_aims(results: dict[str, Any], rows: dict[Key, Row]) -> list[Aim]:
                 f"all-redis, {pinned}",
                 f"{cmds:.2f} store scripts/request",
                 _check(cmds <= AIM_STORE_CMDS_PER_REQ),
+                cmds,
+                AIM_STORE_CMDS_PER_REQ,
             )
         )
     else:
@@ -277,48 +322,79 @@ def evaluate_aims(results: dict[str, Any], rows: dict[Key, Row]) -> list[Aim]:
 def _latency_aims(results: dict[str, Any], rows: dict[Key, Row]) -> list[Aim]:
     aims = []
     direct = rows.get(("unpinned", 1, "direct"))
-    for name, store in ALL_POLICY_TARGETS:
+    where = "unpinned, 1 conn, vs direct"
+    wanted = [("default", "default config", AIM_DEFAULT_ADDED_P50_MS, AIM_DEFAULT_ADDED_P99_MS)]
+    wanted += [
+        (name, f"every policy on ({store})", AIM_ADDED_P50_MS, AIM_ADDED_P99_MS)
+        for name, store in ALL_POLICY_TARGETS
+    ]
+    for name, label, p50_limit, p99_limit in wanted:
         a = rows.get(("unpinned", 1, name))
-        for pct, limit in (("p50", AIM_ADDED_P50_MS), ("p99", AIM_ADDED_P99_MS)):
-            aim = f"added {pct} latency, every policy on ({store}) <= {limit:g} ms"
-            where = "unpinned, 1 conn, vs direct"
+        for pct, limit in (("p50", p50_limit), ("p99", p99_limit)):
+            aim = f"added {pct} latency, {label} <= {limit:g} ms"
             if a and direct and a[f"{pct}_ms"] is not None and direct[f"{pct}_ms"] is not None:
-                added = a[f"{pct}_ms"] - direct[f"{pct}_ms"]
+                added = round(a[f"{pct}_ms"] - direct[f"{pct}_ms"], 3)
                 aims.append(
                     Aim(
                         aim,
                         where,
                         f"+{added:.3f} ms ({a[f'{pct}_ms']:.3f} vs {direct[f'{pct}_ms']:.3f})",
                         _check(added <= limit),
+                        added,
+                        limit,
                     )
                 )
             else:
-                aims.append(Aim(aim, where, _missing(results, name, "direct"), "N/A"))
+                aims.append(Aim(aim, where, _missing(results, name, "direct"), "N/A", limit=limit))
     return aims
+
+
+def stream_proxies(stream: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The streaming check's results per proxy (a results.json from before the check went
+    through several proxies has the pass-through sidecar's only, at the top level)."""
+    if "proxies" in stream:
+        return dict(stream["proxies"])
+    return {"passthrough": {"upload": stream["upload"], "download": stream["download"]}}
 
 
 def _streaming_aims(results: dict[str, Any]) -> list[Aim]:
     stream = results.get("streaming")
-    aim = f"RSS growth <= {AIM_STREAM_GROWTH_MIB:g} MiB while streaming 1 GiB"
+    aim = f"RSS growth <= {AIM_STREAM_GROWTH_MIB:g} MiB while 1 GiB streams each way"
     if not stream:
         return [Aim(aim, "upload and download", "not measured in this run", "N/A")]
     size = f"{stream['size_bytes'] / 2**20:.0f} MiB"
+    if stream["size_bytes"] < 2**30:
+        size += " (the aim is for 1 GiB)"
+    proxies = stream_proxies(stream)
+    naive = proxies.get("naive")
     aims = []
-    for direction in ("upload", "download"):
-        s = stream[direction]
-        ok = s["complete"]
-        measured = (
-            f"+{s['growth_mib']:.1f} MiB ({s['baseline_rss_mib']:.1f} -> "
-            f"{s['peak_rss_mib']:.1f} MiB)"
-        )
-        if not ok:
-            measured += f"; transfer incomplete: status {s['status']}, {s['bytes']} bytes"
+    for name in ("passthrough", "default"):
+        if name not in proxies:
+            continue
+        parts, ok, worst = [], True, 0.0
+        for direction in ("upload", "download"):
+            s = proxies[name][direction]
+            parts.append(
+                f"{direction} +{s['growth_mib']:.1f} MiB ({s['baseline_rss_mib']:.1f} -> "
+                f"{s['peak_rss_mib']:.1f})"
+            )
+            if not s["complete"]:
+                parts[-1] += f", incomplete: status {s['status']}, {s['bytes']} bytes"
+            ok = ok and s["complete"]
+            worst = max(worst, s["growth_mib"])
+        if naive:
+            parts.append(
+                f"naive proxy +{naive['upload']['growth_mib']:.1f} / "
+                f"+{naive['download']['growth_mib']:.1f} MiB"
+            )
         aims.append(
             Aim(
                 aim,
-                f"{direction}, {size}",
-                measured,
-                _check(ok and s["growth_mib"] <= AIM_STREAM_GROWTH_MIB),
+                f"{name}, {size} each way",
+                "; ".join(parts),
+                _check(ok and worst <= AIM_STREAM_GROWTH_MIB),
+                worst,
+                AIM_STREAM_GROWTH_MIB,
             )
         )
     return aims
@@ -340,6 +416,8 @@ def _workers_aim(results: dict[str, Any], rows: dict[Key, Row]) -> Aim:
         where,
         f"{speedup:.2f}x ({two['rps_median']:.0f} vs {one['rps_median']:.0f} req/s)",
         _check(speedup >= AIM_WORKERS_SPEEDUP),
+        round(speedup, 2),
+        AIM_WORKERS_SPEEDUP,
     )
 
 
@@ -385,7 +463,15 @@ def measurement_table(
         "peak RSS MiB",
         *(
             f"{TIMES} {ref}"
-            for ref in ("direct req/s", "nginx req/s", "nginx CPU", "pass req/s", "pass CPU")
+            for ref in (
+                "direct req/s",
+                "naive req/s",
+                "naive CPU",
+                "nginx req/s",
+                "nginx CPU",
+                "pass req/s",
+                "pass CPU",
+            )
         ),
         "errors",
         "other load % core (max)",
@@ -409,6 +495,8 @@ def measurement_table(
                 _fmt(row["store_scripts_per_req"], ".2f"),
                 _fmt(rss),
                 _fmt(row["x_direct_rps"], ".2f"),
+                _fmt(row["x_naive_rps"], ".2f"),
+                _fmt(row["x_naive_cpu"], ".2f"),
                 _fmt(row["x_nginx_rps"], ".2f"),
                 _fmt(row["x_nginx_cpu"], ".1f"),
                 _fmt(row["x_pass_rps"], ".2f"),
@@ -429,7 +517,8 @@ def markdown(results: dict[str, Any]) -> str:
         "# Benchmark results",
         "",
         f"Taken {meta['date']} on {meta['nproc']} cores ({meta['cpu_model']}), Linux "
-        f"{meta['kernel']}, Python {meta['python']}, aiohttp {meta['aiohttp']}, nginx "
+        f"{meta['kernel']}, Python {meta['python']}, aiohttp {meta['aiohttp']}, uvloop "
+        f"{meta.get('uvloop', '?')}, nginx "
         f"{meta['nginx']}, wrk {meta['wrk']}, Redis {meta['redis']}; sidecar at "
         f"{meta['commit']}. Made by `bench/run`"
         + (" --smoke" if settings["smoke"] else "")
@@ -437,7 +526,15 @@ def markdown(results: dict[str, Any]) -> str:
         f"of {settings['duration']} s per target and concurrency after a {settings['warmup']} s "
         f"warm-up, targets interleaved (A B C … A B C …).",
         "",
-        f"**Pinning.** Pinned runs put the proxy under test (sidecar or nginx proxy) on core "
+        "**Naive proxy.** `naive` is [bench/naive_proxy.py](../naive_proxy.py): an aiohttp "
+        "web.Application with one catch-all route and one shared ClientSession (256 "
+        "connections), hop-by-hop headers dropped, the response streamed back, no access "
+        "log, uvloop like the sidecar: what a Python team writes in an afternoon. "
+        "`default` is the sidecar as shipped: the embedded default config's tracing and "
+        "access log on (to the process's log file).",
+        "",
+        f"**Pinning.** Pinned runs put the proxy under test (sidecar, naive or nginx proxy) on "
+        "core "
         f"{settings['proxy_cpus']} (`taskset -c {settings['proxy_cpus']}`) and wrk, the backend "
         f"nginx and Redis on core {settings['load_cpus']}; unpinned runs use no taskset. wrk "
         "uses 1 thread pinned, 2 unpinned.",
@@ -456,6 +553,7 @@ def markdown(results: dict[str, Any]) -> str:
         "N/A: the target it needs is not available yet or was not part of this run.",
         "",
     ]
+    out += _ratios_section(results, rows, conns)
     out += _latency_section(rows)
     for pinning in ("pinned", "unpinned"):
         measured = sorted({c for (p, c, _) in rows if p == pinning})
@@ -465,6 +563,55 @@ def markdown(results: dict[str, Any]) -> str:
     out += _streaming_section(results) + _unavailable_section(results)
     out += _problems_section(results) + _notes(results)
     return "\n".join(out) + "\n"
+
+
+def _ratios_section(results: dict[str, Any], rows: dict[Key, Row], conns: int) -> list[str]:
+    """Every target against the naive proxy, nginx and direct, at the reference load."""
+    out = []
+    for pinning in ("pinned", "unpinned"):
+        lines = []
+        for target in results["targets"]:
+            row = rows.get((pinning, conns, target["name"]))
+            if row is None:
+                continue
+            lines.append(
+                [
+                    f"`{target['name']}`",
+                    target["body"],
+                    _fmt(row["cpu_us_per_req"]),
+                    _fmt(row["x_naive_cpu"], ".2f"),
+                    _fmt(row["x_nginx_cpu"], ".1f"),
+                    f"{row['rps_median']:.0f}",
+                    _fmt(row["x_direct_rps"], ".2f"),
+                    _fmt(row["x_naive_rps"], ".2f"),
+                    _fmt(row["x_nginx_rps"], ".2f"),
+                ]
+            )
+        if not lines:
+            continue
+        out += [
+            f"## Ratios, {pinning}, {conns} connections",
+            "",
+            "Each target against the naive proxy, nginx and direct of the same body size, "
+            "measured in this run under the same load (medians; the full tables follow).",
+            "",
+            *_table(
+                [
+                    "target",
+                    "body",
+                    "CPU µs/req",
+                    f"{TIMES} naive CPU",
+                    f"{TIMES} nginx CPU",
+                    "req/s",
+                    f"{TIMES} direct req/s",
+                    f"{TIMES} naive req/s",
+                    f"{TIMES} nginx req/s",
+                ],
+                lines,
+            ),
+            "",
+        ]
+    return out
 
 
 def _noise_paragraph(results: dict[str, Any]) -> list[str]:
@@ -528,31 +675,37 @@ def _streaming_section(results: dict[str, Any]) -> list[str]:
     if not stream:
         return []
     lines = []
-    for direction in ("upload", "download"):
-        s = stream[direction]
-        lines.append(
-            [
-                direction,
-                str(s["status"]),
-                f"{s['bytes'] / 2**20:.0f} MiB",
-                "yes" if s["complete"] else "**no**",
-                _fmt(s["mib_per_s"], ".0f"),
-                _fmt(s["baseline_rss_mib"]),
-                _fmt(s["peak_rss_mib"]),
-                _fmt(s["growth_mib"], "+.1f"),
-            ]
-        )
+    for name, result in stream_proxies(stream).items():
+        for direction in ("upload", "download"):
+            s = result[direction]
+            lines.append(
+                [
+                    f"`{name}`",
+                    direction,
+                    str(s["status"]),
+                    f"{s['bytes'] / 2**20:.0f} MiB",
+                    "yes" if s["complete"] else "**no**",
+                    _fmt(s["mib_per_s"], ".0f"),
+                    _fmt(s["baseline_rss_mib"]),
+                    _fmt(s["peak_rss_mib"]),
+                    _fmt(s["growth_mib"], "+.1f"),
+                ]
+            )
+    size = f"{stream['size_bytes'] / 2**20:.0f} MiB"
+    bound = f" (curl's --max-time {stream['timeout_s']:.0f} s)" if "timeout_s" in stream else ""
     return [
         "## Streaming check",
         "",
-        f"One pass-through sidecar (unpinned); curl PUTs a sparse "
-        f"{stream['size_bytes'] / 2**20:.0f} MiB file through it to the backend's WebDAV sink "
-        "(stored, size checked, deleted) and downloads one served by nginx with `alias`; "
-        "VmRSS of the sidecar sampled every 50 ms. Complete means curl, the sidecar's "
-        "/proc/PID/io and (upload) the stored file all show every byte.",
+        f"One proxy at a time (unpinned): {', '.join(f'`{n}`' for n in stream_proxies(stream))}"
+        f". curl PUTs a sparse {size} file through each to the "
+        f"backend's WebDAV sink (stored, size checked, deleted) and downloads a {size} one "
+        f"served by nginx with `alias`{bound}; VmRSS of the proxy sampled every 50 ms. "
+        "Complete means curl, the proxy's /proc/PID/io and (upload) the stored file all show "
+        "every byte.",
         "",
         *_table(
             [
+                "proxy",
                 "direction",
                 "status",
                 "moved",
@@ -611,7 +764,8 @@ def _notes(results: dict[str, Any]) -> list[str]:
         "## How to read this",
         "",
         "- **CPU µs/req**: utime+stime of the proxy's processes from `/proc/PID/stat` (the "
-        "supervisor and its workers for `workers2`; the nginx master and worker for nginx), "
+        "supervisor and its workers for `workers2`; the nginx master and worker for nginx; "
+        "the one process of the naive proxy), "
         "over the run, divided by the requests wrk completed. The figure that survives a "
         "noisy machine. *backend CPU µs/req* is the same for the backend nginx.",
         "- **store cmds/req**: Redis `INFO commandstats` calls (without our own INFO) over "
@@ -622,7 +776,8 @@ def _notes(results: dict[str, Any]) -> list[str]:
         "path, and the completion write, sent while the response goes out).",
         "- **peak RSS**: VmHWM summed over the target's processes, over the whole pinning run.",
         "- Ratios compare with the reference of the same body size under the same load "
-        f"(pinning and connections): `{TIMES} nginx CPU` is CPU/request ÷ nginx proxy's.",
+        f"(pinning and connections): `{TIMES} nginx CPU` is CPU/request ÷ nginx proxy's, "
+        f"`{TIMES} naive CPU` ÷ the naive aiohttp proxy's.",
         "- Latencies are comparable only at equal load: wrk is closed-loop, so at saturation "
         "latency is connections ÷ throughput.",
         "",
@@ -633,7 +788,8 @@ def _notes(results: dict[str, Any]) -> list[str]:
 
 
 def write_chart(results: dict[str, Any], path: Path) -> bool:
-    """CPU µs/request per target (with the nginx line) and throughput, pinned."""
+    """CPU µs/request per target (with the naive proxy and nginx lines) and throughput,
+    pinned."""
     try:
         import matplotlib
 
@@ -674,10 +830,29 @@ def _cpu_panel(
         [v - (r["cpu_us_per_req_min"] or v) for v, r in zip(values, data, strict=True)],
         [(r["cpu_us_per_req_max"] or v) - v for v, r in zip(values, data, strict=True)],
     ]
-    colors = ["#888888" if n.startswith("nginx") else "#3b75af" for n in names]
+    colors = [
+        "#888888" if n.startswith("nginx") else "#ff7f0e" if n.startswith("naive") else "#3b75af"
+        for n in names
+    ]
     bars = ax.bar(names, values, color=colors, yerr=spread, capsize=3)
     ax.bar_label(bars, fmt="%.0f", fontsize=8)
     nginx = rows.get((pinning, conns, "nginx"), {}).get("cpu_us_per_req")
+    naive = rows.get((pinning, conns, "naive"), {}).get("cpu_us_per_req")
+    if naive:
+        ax.axhline(
+            naive,
+            color="#ff7f0e",
+            linestyle="-",
+            label=f"naive aiohttp proxy {naive:.0f} µs = aim for default "
+            f"({AIM_DEFAULT_VS_NAIVE_CPU:g}{TIMES} naive)",
+        )
+        ax.axhline(
+            naive * AIM_PASSTHROUGH_VS_NAIVE_CPU,
+            color="#ff7f0e",
+            linestyle="--",
+            label=f"aim for pass-through: {AIM_PASSTHROUGH_VS_NAIVE_CPU:g}{TIMES} naive "
+            f"({naive * AIM_PASSTHROUGH_VS_NAIVE_CPU:.0f} µs)",
+        )
     if nginx:
         ax.axhline(nginx, color="#2ca02c", linestyle="-", label=f"nginx proxy {nginx:.1f} µs")
         for factor, style in ((AIM_PASSTHROUGH_VS_NGINX_CPU, "--"), (AIM_ALL_VS_NGINX_CPU, ":")):
@@ -687,7 +862,9 @@ def _cpu_panel(
                 linestyle=style,
                 label=f"aim: {factor:g}{TIMES} nginx ({nginx * factor:.0f} µs)",
             )
-        ax.legend(fontsize=8, loc="upper left")
+    if naive or nginx:
+        # Beside the bars, not over them.
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_ylabel("proxy CPU µs / request")
     ax.set_title(
         f"CPU per request of the proxy process(es), {pinning}, {conns} connections, "
@@ -763,13 +940,14 @@ def headline(results: dict[str, Any]) -> str:
             continue
         lines.append(
             f"\n{pinning}, {conns} connections:  req/s | p50 ms | p99 ms | CPU us/req "
-            "| x nginx CPU | x pass req/s"
+            "| x naive CPU | x nginx CPU | x direct req/s | x naive req/s"
         )
         for r in selected:
             lines.append(
                 f"  {r['target']:18} {r['rps_median']:8.0f} | {_fmt(r['p50_ms'], '.3f')}"
                 f" | {_fmt(r['p99_ms'], '.3f')} | {_fmt(r['cpu_us_per_req'])} | "
-                f"{_fmt(r['x_nginx_cpu'])} | {_fmt(r['x_pass_rps'], '.2f')}"
+                f"{_fmt(r['x_naive_cpu'], '.2f')} | {_fmt(r['x_nginx_cpu'])} | "
+                f"{_fmt(r['x_direct_rps'], '.2f')} | {_fmt(r['x_naive_rps'], '.2f')}"
             )
     return "\n".join(lines)
 

@@ -1,4 +1,5 @@
-"""Starting and stopping what the benchmark runs: nginx (backend and proxy), Redis, sidecars.
+"""Starting and stopping what the benchmark runs: nginx (backend and proxy), Redis, sidecars
+and the naive aiohttp proxy.
 
 Every process is started here, in a session of its own (so a Ctrl-C in the terminal reaches
 only the harness, which then stops things in order), and recorded in one registry with the
@@ -11,9 +12,12 @@ handlers, so nothing outlives a run, even a failed or interrupted one.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import http.client
+import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -25,10 +29,16 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from targets import BENCH_DIR, Target
+from targets import BENCH_DIR, STREAM_TARGETS, Target
 
 REPO_DIR = BENCH_DIR.parent
 WORK_DIR = BENCH_DIR / ".work"
+# What one run writes (generated configs, process logs, nginx and Redis directories, the
+# backend's files, wrk scripts) goes to a directory of its own, bench/.work/runs/PID, so two
+# runs at once (a smoke test in someone's test suite during a full run) never delete or
+# truncate each other's files. bench/.work/last points at the newest.
+RUNS_DIR = WORK_DIR / "runs"
+RUN_DIR = RUNS_DIR / str(os.getpid())
 TEMPLATES = BENCH_DIR / "templates"
 SMALL_BODY_BYTES = 100
 STARTUP_TIMEOUT = 30.0
@@ -74,6 +84,34 @@ class SidecarSource:
                 p for p in (str(cls.directory), env.get("PYTHONPATH", "")) if p
             )
         return env
+
+
+def prepare_run_dir() -> None:
+    """This run's directory, fresh; those of runs that have ended are removed."""
+    RUNS_DIR.mkdir(parents=True, exist_ok=True)
+    for entry in RUNS_DIR.iterdir():
+        if entry != RUN_DIR and not _harness_alive(entry.name):
+            shutil.rmtree(entry, ignore_errors=True)
+    shutil.rmtree(RUN_DIR, ignore_errors=True)
+    for sub in ("logs", "conf", "wrk"):
+        (RUN_DIR / sub).mkdir(parents=True)
+    RUN_DIR.chmod(0o755)  # nginx workers (an unprivileged user when run as root) read below
+    last = WORK_DIR / "last"
+    fresh = WORK_DIR / f".last-{os.getpid()}"
+    fresh.unlink(missing_ok=True)
+    fresh.symlink_to(RUN_DIR.relative_to(WORK_DIR))
+    os.replace(fresh, last)
+
+
+def _harness_alive(name: str) -> bool:
+    """Whether the run that made runs/NAME is still going (its PID runs bench's harness)."""
+    if not name.isdigit():
+        return False
+    try:
+        cmdline = Path(f"/proc/{name}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"harness.py" in cmdline
 
 
 # --- processes ----------------------------------------------------------------------------
@@ -211,13 +249,17 @@ REGISTRY = ProcessRegistry()
 # --- ports and readiness ------------------------------------------------------------------
 
 
-def free_ports(count: int, base: int) -> list[int]:
-    """`count` ports from `base` upwards that nothing listens on right now (127.0.0.1)."""
+def free_ports(count: int, base: int, taken: frozenset[int] = frozenset()) -> list[int]:
+    """`count` ports from `base` upwards that nothing listens on right now (127.0.0.1) and
+    that are not in `taken`."""
     ports: list[int] = []
     port = base
     while len(ports) < count:
         if port > 65000:
             raise SystemExit(f"no {count} free ports above {base}")
+        if port in taken:
+            port += 1
+            continue
         with socket.socket() as sock:
             try:
                 sock.bind(("127.0.0.1", port))
@@ -290,17 +332,38 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 class Ports:
     backend: int
     redis: int
-    # target name -> (proxy port, admin port); admin is 0 for nginx targets.
+    # target name -> (proxy port, admin port); the admin port is unused by nginx and naive.
     proxies: dict[str, tuple[int, int]]
-    stream: tuple[int, int]
+    # The same for the proxies of the streaming check (STREAM_TARGETS), one pair each.
+    stream: dict[str, tuple[int, int]]
+
+
+def claim_ports(count: int, base: int) -> list[int]:
+    """Free ports no other run still going has claimed, claimed for this one.
+
+    A port is free when checked but bound only later, when its process starts; a second
+    run checking meanwhile would pick it too. So each run records its ports in
+    runs/PID/ports.json, under a lock, and skips those of the others that are alive.
+    """
+    with (WORK_DIR / "ports.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        taken: set[int] = set()
+        for claims in RUNS_DIR.glob("*/ports.json"):
+            if claims.parent != RUN_DIR and _harness_alive(claims.parent.name):
+                with contextlib.suppress(OSError, ValueError):
+                    taken.update(json.loads(claims.read_text()))
+        ports = free_ports(count, base, frozenset(taken))
+        (RUN_DIR / "ports.json").write_text(json.dumps(ports))
+    return ports
 
 
 def allocate_ports(targets: list[Target], base: int) -> Ports:
     proxied = [t for t in targets if t.kind != "direct"]
-    ports = iter(free_ports(2 + 2 * len(proxied) + 2, base))
+    ports = iter(claim_ports(2 + 2 * (len(proxied) + len(STREAM_TARGETS)), base))
     backend, redis = next(ports), next(ports)
     proxies = {t.name: (next(ports), next(ports)) for t in proxied}
-    return Ports(backend, redis, proxies, (next(ports), next(ports)))
+    stream = {name: (next(ports), next(ports)) for name in STREAM_TARGETS}
+    return Ports(backend, redis, proxies, stream)
 
 
 def sidecar_config(
@@ -310,8 +373,9 @@ def sidecar_config(
     *,
     listen: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
-    """The generated sidecar config of one target: the base template, then the `off:`
-    fragments of the policies it does not measure and the `enable:` ones of those it does."""
+    """The generated sidecar config of one target: the base template, then the `disable:`
+    fragments of the policies it does not measure (none for a target with the shipped
+    defaults) and the `enable:` ones of those it does."""
     port, admin = listen or ports.proxies[target.name]
     state_url = f"redis://127.0.0.1:{ports.redis}/0" if target.state == "redis" else "memory://"
     config = yaml.safe_load(
@@ -330,7 +394,7 @@ def sidecar_config(
     chosen = [
         fragments.get("disable", {})[name]
         for name in fragments.get("disable", {})
-        if name not in target.policies
+        if name not in target.policies and not target.shipped_defaults
     ]
     for name in target.policies:
         if name not in fragments.get("enable", {}):
@@ -343,7 +407,7 @@ def sidecar_config(
 
 
 def write_sidecar_config(name: str, config: dict[str, Any]) -> Path:
-    path = WORK_DIR / "conf" / f"sidecar-{name}.yaml"
+    path = RUN_DIR / "conf" / f"sidecar-{name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     header = "# Generated by bench/run for one benchmark target; edits are overwritten.\n"
     path.write_text(header + yaml.safe_dump(config, sort_keys=False))
@@ -374,7 +438,7 @@ def check_config(path: Path) -> tuple[bool, str]:
 
 
 def _nginx_dir(name: str) -> Path:
-    directory = WORK_DIR / f"nginx-{name}"
+    directory = RUN_DIR / f"nginx-{name}"
     for sub in ("", "client_body", "proxy", "fastcgi", "uwsgi", "scgi", "upload", "upload_tmp"):
         (directory / sub).mkdir(parents=True, exist_ok=True)
         # nginx workers run as an unprivileged user when started as root.
@@ -392,7 +456,7 @@ def start_nginx(
         f"nginx-{name}",
         ["nginx", "-p", str(directory), "-c", str(conf)],
         cpus=cpus,
-        log=WORK_DIR / "logs" / f"nginx-{name}.log",
+        log=RUN_DIR / "logs" / f"nginx-{name}.log",
     )
     wait_until(lambda: http_status(port) == 200, started, f"nginx ({name})")
     return started
@@ -412,7 +476,7 @@ def start_backend(port: int, files: Path, cpus: str | None) -> Started:
 
 
 def start_redis(port: int, cpus: str | None) -> Started:
-    directory = WORK_DIR / "redis"
+    directory = RUN_DIR / "redis"
     directory.mkdir(parents=True, exist_ok=True)
     argv = [
         "redis-server",
@@ -429,7 +493,7 @@ def start_redis(port: int, cpus: str | None) -> Started:
         "--daemonize",
         "no",
     ]
-    started = REGISTRY.start("redis", argv, cpus=cpus, log=WORK_DIR / "logs" / "redis.log")
+    started = REGISTRY.start("redis", argv, cpus=cpus, log=RUN_DIR / "logs" / "redis.log")
     wait_until(lambda: redis_ping(port), started, "redis-server")
     return started
 
@@ -437,7 +501,7 @@ def start_redis(port: int, cpus: str | None) -> Started:
 def start_sidecar(
     name: str, config_path: Path, port: int, admin: int, workers: int, cpus: str | None
 ) -> Started:
-    log = WORK_DIR / "logs" / f"sidecar-{name}.log"
+    log = RUN_DIR / "logs" / f"sidecar-{name}.log"
     argv = [sys.executable, "-m", "sidecar", "run", "--config", str(config_path)]
     started = REGISTRY.start(
         f"sidecar-{name}",
@@ -457,6 +521,34 @@ def start_sidecar(
         return count >= workers and http_status(port) == 200
 
     wait_until(ready, started, f"sidecar ({name})")
+    return started
+
+
+NAIVE_PROXY = BENCH_DIR / "naive_proxy.py"
+
+
+def naive_argv(port: int, backend_port: int) -> list[str]:
+    """The naive aiohttp proxy's command line (the venv's python: the sidecar's aiohttp)."""
+    return [
+        sys.executable,
+        str(NAIVE_PROXY),
+        "--port",
+        str(port),
+        "--upstream",
+        f"http://127.0.0.1:{backend_port}",
+    ]
+
+
+def start_naive(name: str, port: int, backend_port: int, cpus: str | None) -> Started:
+    """bench/naive_proxy.py in front of the backend; ready once a GET through it answers."""
+    started = REGISTRY.start(
+        f"naive-{name}",
+        naive_argv(port, backend_port),
+        cpus=cpus,
+        log=RUN_DIR / "logs" / f"naive-{name}.log",
+        cwd=BENCH_DIR,
+    )
+    wait_until(lambda: http_status(port) == 200, started, f"naive proxy ({name})")
     return started
 
 

@@ -1,7 +1,8 @@
 """The target table: what is measured, as data. One entry per target.
 
-A target names the proxy in front of the backend (none, nginx, or the sidecar with some
-configuration), the request wrk sends, and the backend path (which fixes the body size).
+A target names the proxy in front of the backend (none, nginx, the naive aiohttp proxy of
+bench/naive_proxy.py, or the sidecar with some configuration), the request wrk sends, and
+the backend path (which fixes the body size).
 Sidecar targets list the policy fragments they switch on by name; the fragments live in
 bench/policies.yaml, the one file to edit when a policy lands with other key names.
 
@@ -20,7 +21,7 @@ from typing import Any, Literal
 BENCH_DIR = Path(__file__).resolve().parent
 POLICIES_FILE = BENCH_DIR / "policies.yaml"
 
-Kind = Literal["direct", "nginx", "sidecar"]
+Kind = Literal["direct", "nginx", "naive", "sidecar"]
 Pinning = Literal["pinned", "unpinned"]
 BOTH: frozenset[Pinning] = frozenset({"pinned", "unpinned"})
 PINNED_ONLY: frozenset[Pinning] = frozenset({"pinned"})
@@ -46,6 +47,9 @@ class Target:
     requires: str | None = None
     state: Literal["memory", "redis"] = "memory"
     access_log: bool = False
+    # True: the policies that are on by default stay on (no `disable:` fragments), as the
+    # sidecar's embedded default config ships them; False: every policy not listed is off.
+    shipped_defaults: bool = False
     workers: int = 1
     # In which pinning modes the full run measures it (the unpinned run is the short list
     # the aims need, to keep the full run within its time budget).
@@ -81,7 +85,23 @@ TARGETS: tuple[Target, ...] = (
     # The references: the limit, the peer to beat, and the sidecar's own floor.
     Target("direct", "direct", "wrk straight to the backend (the limit)", smoke=True),
     Target("nginx", "nginx", "nginx proxy_pass, upstream keepalive 64, 1 worker", smoke=True),
+    Target(
+        "naive",
+        "naive",
+        "naive aiohttp proxy (bench/naive_proxy.py): one route, one ClientSession, uvloop",
+        smoke=True,
+    ),
     Target("passthrough", "sidecar", "sidecar, no policies, access log off", smoke=True),
+    # What a user gets without writing a config: the defaults of the embedded config
+    # (tracing on every route, the access log on), the access log to the process's log file.
+    Target(
+        "default",
+        "sidecar",
+        "sidecar as shipped: default config, tracing and access log on",
+        access_log=True,
+        shipped_defaults=True,
+        smoke=True,
+    ),
     Target(
         "passthrough-log",
         "sidecar",
@@ -189,20 +209,22 @@ TARGETS: tuple[Target, ...] = (
     # Body-size variants of the references.
     *_sizes("direct", "direct", "wrk straight to the backend"),
     *_sizes("nginx", "nginx", "nginx proxy_pass"),
+    *_sizes("naive", "naive", "naive aiohttp proxy"),
     *_sizes("passthrough", "sidecar", "sidecar, no policies"),
 )
 
 # What the aims and ratios are measured against.
-DIRECT, NGINX, PASSTHROUGH = "direct", "nginx", "passthrough"
+DIRECT, NGINX, NAIVE, PASSTHROUGH = "direct", "nginx", "naive", "passthrough"
+REFERENCES = (("direct", DIRECT), ("nginx", NGINX), ("naive", NAIVE), ("passthrough", PASSTHROUGH))
+# The streaming check sends its bytes through these, one after the other: the two sidecar
+# configurations its aim is judged on, then the naive proxy for reference.
+STREAM_TARGETS = (PASSTHROUGH, "default", NAIVE)
 
 
 def reference_names(target: Target) -> dict[str, str]:
-    """The direct, nginx and pass-through targets with the same body size as `target`."""
+    """The direct, nginx, naive and pass-through targets with the same body size as `target`."""
     suffix = "" if target.body == "100B" else f"-{target.body.lower()}"
-    return {
-        role: f"{role_name}{suffix}"
-        for role, role_name in (("direct", DIRECT), ("nginx", NGINX), ("passthrough", PASSTHROUGH))
-    }
+    return {role: f"{role_name}{suffix}" for role, role_name in REFERENCES}
 
 
 def policy_fragments() -> dict[str, dict[str, Any]]:

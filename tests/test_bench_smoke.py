@@ -32,8 +32,18 @@ def test_bench_smoke_runs_every_reference_target() -> None:
     assert result.returncode == 0, output
     results = json.loads((SMOKE_RESULTS / "results.json").read_text())
     measured = {run["target"] for run in results["runs"]}
-    assert {"direct", "nginx", "passthrough"} <= measured
+    assert {"direct", "nginx", "naive", "passthrough", "default"} <= measured
     assert all(run["requests"] > 0 for run in results["runs"])
     assert all(sum(run["errors"].values()) == 0 for run in results["runs"])
+    # Every target's ratio against the naive proxy is worked out, and its aims are judged.
+    pinned = {row["target"]: row for row in results["summary"] if row["pinning"] == "pinned"}
+    assert pinned["passthrough"]["x_naive_cpu"] is not None
+    assert pinned["default"]["x_naive_cpu"] is not None
+    judged = {aim["aim"]: aim for aim in results["aims"] if "naive" in aim["aim"]}
+    assert len(judged) == 2 and all(a["verdict"] in ("PASS", "MISS") for a in judged.values())
+    # The streaming check went through both sidecar configs and the naive proxy, completely.
+    streamed = results["streaming"]["proxies"]
+    assert set(streamed) == {"passthrough", "default", "naive"}
+    assert all(r[d]["complete"] for r in streamed.values() for d in ("upload", "download"))
     # matplotlib is there (the test extra): the chart is drawn, not skipped.
     assert (SMOKE_RESULTS / "results.png").stat().st_size > 0, output

@@ -34,7 +34,7 @@ from sidecar.chain import (
 from sidecar.config import ServerConfig, SidecarConfig
 from sidecar.logs import AccessLog, LogSink
 from sidecar.metrics import Metrics, RouteMetrics
-from sidecar.relaying import connection_tokens, strip_hop_by_hop
+from sidecar.relaying import as_sent, connection_tokens, drop_hop_by_hop
 from sidecar.routing import (
     REFUSED_PATH_DETAIL,
     UNROUTED,
@@ -308,7 +308,7 @@ class ProxyHandler:
         request_id: str,
         authority: str | None,
     ) -> CIMultiDict[str]:
-        headers = strip_hop_by_hop(raw.headers)
+        headers = drop_hop_by_hop(as_sent(raw.raw_headers, raw.headers))
         headers[runtime.request_id_header] = request_id
         if authority is not None:
             headers[hdrs.HOST] = authority

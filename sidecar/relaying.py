@@ -4,6 +4,7 @@ and turning an app's answer into a ProxyResponse, relayed byte for byte."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+from operator import itemgetter
 
 import aiohttp
 from aiohttp import hdrs
@@ -33,6 +34,7 @@ WHOLE = 64 * 1024
 NO_BODY_STATUSES = frozenset({204, 304})
 
 Headers = CIMultiDictProxy[str] | CIMultiDict[str]
+RawHeaders = tuple[tuple[bytes, bytes], ...]
 # aiohttp's client would otherwise invent these for every request.
 _SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
@@ -64,6 +66,23 @@ def app_origin(config: UpstreamConfig) -> str:
 def app_url(config: UpstreamConfig, target: str) -> URL:
     """The app's URL for a request target, exactly as the client sent it (no re-quoting)."""
     return URL(app_origin(config) + target, encoded=True)
+
+
+def as_sent(raw_headers: RawHeaders, headers: Headers) -> CIMultiDict[str]:
+    """A copy of the client's headers in order, each name spelt as the client sent it.
+
+    aiohttp's parser gives well-known names its own spelling (`accept` becomes `Accept`);
+    `raw_headers` keeps the bytes, and the parsed values are the same text one for one.
+    Most clients already use that spelling, so the common case is one C-level copy.
+    """
+    names = map(_NAME, raw_headers)
+    if b"".join(names) == "".join(headers).encode("latin-1", "replace"):
+        return CIMultiDict(headers)
+    pairs = zip(raw_headers, headers.values(), strict=True)
+    return CIMultiDict([(name.decode("latin-1"), value) for (name, _), value in pairs])
+
+
+_NAME = itemgetter(0)
 
 
 def strip_hop_by_hop(headers: Headers) -> CIMultiDict[str]:

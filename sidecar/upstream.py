@@ -267,28 +267,28 @@ class Forwarder:
         self._exchanges.add(exchange)
         sent_at = time.perf_counter()
         try:
-            async with attempt.timer:
-                connection = self.pool.take_idle() or await self.pool.connect()
-                exchange.connection = connection
-                request.upstream_sent = True  # from here on the app may see bytes of it
-                response = exchange.response = connection.send(
-                    head,
-                    payload,
-                    head_only=request.method == "HEAD",
-                    header_limit=self.config.max_response_header_size,
-                    idle_timeout=request.route.idle_timeout,
-                    early_hints=_early_hints_to(request),
-                )
-                if isinstance(body, _BodyStream):
-                    response.send_body(body, chunked)
-                await response.headers_received()
-        except BaseException as exc:
+            connection = self.pool.take_idle() or await attempt.connect(self.pool)
+            exchange.connection = connection
+            request.upstream_sent = True  # from here on the app may see bytes of it
+            response = exchange.response = connection.send(
+                head,
+                payload,
+                head_only=request.method == "HEAD",
+                header_limit=self.config.max_response_header_size,
+                idle_timeout=request.route.idle_timeout,
+                early_hints=_early_hints_to(request),
+            )
+            attempt.watch(response)
+            if isinstance(body, _BodyStream):
+                response.send_body(body, chunked)
+            await response.headers_received()
+        except BaseException:
+            attempt.stop()
             exchange.finish()
             if isinstance(body, _BodyStream):
                 body.raise_client_fault()
-            if isinstance(exc, TimeoutError) and attempt.timer.expired():
-                raise attempt.timed_out(request.upstream_sent) from None
             raise
+        attempt.stop()
         request.upstream_seconds = time.perf_counter() - sent_at
         return _relayed(response, exchange.finish)
 
@@ -372,16 +372,25 @@ def _relayed(response: AppResponse, release: Callable[[], None]) -> ProxyRespons
 
 class _AttemptTimer:
     """The deadline of one attempt: the request's deadline, or the attempt's own timeout
-    if sooner. For a streamed body it starts once the body has been sent."""
+    if sooner. For a streamed body it starts once the body has been sent.
 
-    __slots__ = ("_loop", "_request", "timer")
+    Waiting for the response headers is bounded by one timer handle that fails the
+    response when it fires (no task cancellation on the common path); only making a new
+    connection runs under an asyncio timeout.
+    """
+
+    __slots__ = ("_handle", "_loop", "_request", "_response", "ends")
 
     def __init__(self, request: ProxyRequest, loop: asyncio.AbstractEventLoop) -> None:
         self._request = request
         self._loop = loop
-        self.timer = asyncio.Timeout(self._ends() if request.deadline is not None else None)
+        self._handle: asyncio.TimerHandle | None = None
+        self._response: AppResponse | None = None
+        # Event-loop time the attempt must have its response headers by (None: not yet
+        # known, while a streamed body is still being sent).
+        self.ends = self._deadline() if request.deadline is not None else None
 
-    def _ends(self) -> float:
+    def _deadline(self) -> float:
         request = self._request
         assert request.deadline is not None
         if request.attempt_timeout is None:
@@ -390,28 +399,53 @@ class _AttemptTimer:
 
     def slot_wait(self) -> float:
         """How long waiting for a connection may take (a streamed body: the route timeout)."""
-        if self._request.deadline is None:
+        if self.ends is None:
             return self._request.route.timeout
-        return max(self._ends() - self._loop.time(), 0.0)
+        return max(self.ends - self._loop.time(), 0.0)
+
+    async def connect(self, pool: AppPool) -> AppConnection:
+        """A new connection, made before the attempt's deadline (nothing is sent yet)."""
+        try:
+            async with asyncio.timeout_at(self.ends):
+                return await pool.connect()
+        except TimeoutError:
+            raise UpstreamFailure(
+                Failure.CONNECT_TIMEOUT,
+                errors.UPSTREAM_TIMEOUT,
+                "the deadline passed while connecting to the upstream",
+            ) from None
+
+    def watch(self, response: AppResponse) -> None:
+        """Fail `response` if its headers have not come by the deadline."""
+        self._response = response
+        if self.ends is not None:
+            self._handle = self._loop.call_at(self.ends, self._expired)
+
+    def stop(self) -> None:
+        """The headers came, or the attempt is over: the deadline no longer matters."""
+        self._response = None
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
 
     def body_sent(self) -> None:
         request = self._request
         if request.deadline is None:
             request.deadline = self._loop.time() + request.route.timeout
-        # The app may have answered (and the timer been left) before the body ended.
-        with contextlib.suppress(RuntimeError):
-            self.timer.reschedule(self._ends())
+        self.ends = self._deadline()
+        response = self._response
+        if response is not None:  # still waiting for the headers: from now on, this long
+            self.stop()
+            self.watch(response)
 
-    def timed_out(self, sent: bool) -> UpstreamFailure:
-        if not sent:
-            # Still connecting when the deadline came: nothing was written.
-            return UpstreamFailure(
-                Failure.CONNECT_TIMEOUT,
-                errors.UPSTREAM_TIMEOUT,
-                "the deadline passed while connecting to the upstream",
+    def _expired(self) -> None:
+        self._handle = None
+        response = self._response
+        if response is not None:
+            response.abandon(
+                UpstreamFailure(
+                    Failure.TIMEOUT,
+                    errors.UPSTREAM_TIMEOUT,
+                    f"no response from the upstream within {self._request.route.timeout:g}s",
+                )
             )
-        return UpstreamFailure(
-            Failure.TIMEOUT,
-            errors.UPSTREAM_TIMEOUT,
-            f"no response from the upstream within {self._request.route.timeout:g}s",
-        )

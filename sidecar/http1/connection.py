@@ -57,8 +57,9 @@ class _Garbage(Exception):
 class AppConnection(asyncio.Protocol):
     """A TCP (or TLS) connection to the app; `send` starts one exchange on it."""
 
-    def __init__(self, pool: Pool) -> None:
+    def __init__(self, pool: Pool, loop: asyncio.AbstractEventLoop) -> None:
         self._pool = pool
+        self.loop = loop
         self.transport: asyncio.Transport | None = None
         # The app closed its side, or the connection is lost: never reusable again.
         self.closed = False
@@ -144,8 +145,7 @@ class AppConnection(asyncio.Protocol):
         """Wait while the app is not reading what we write (at most `timeout` seconds)."""
         if not self._writing_paused or self.closed:
             return
-        loop = asyncio.get_running_loop()
-        drained = self._drained = loop.create_future()
+        drained = self._drained = self.loop.create_future()
         try:
             async with asyncio.timeout(timeout):
                 await drained
@@ -222,7 +222,7 @@ class AppResponse:
         self._header_limit = header_limit
         self._idle_timeout = idle_timeout
         self._early_hints = early_hints
-        self._headers_ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._headers_ready: asyncio.Future[None] = connection.loop.create_future()
         self._fed_head = 0  # bytes fed before the final headers: all of them head bytes
         self._head_size = 0
         self._reason = b""
@@ -337,11 +337,15 @@ class AppResponse:
         """Wait for the final response headers (UpstreamFailure if they never come)."""
         await self._headers_ready
 
+    def abandon(self, error: BaseException) -> None:
+        """Give up waiting for the headers (the attempt's deadline): `error` is raised."""
+        if not self._headers_ready.done():
+            self._fail(error)
+
     def send_body(self, chunks: AsyncIterable[bytes], chunked: bool) -> None:
         """Stream the request body from its own task, so an early answer is read meanwhile."""
         self._body_sent = False
-        loop = asyncio.get_running_loop()
-        self._body_task = loop.create_task(self._write_body(chunks, chunked))
+        self._body_task = self._connection.loop.create_task(self._write_body(chunks, chunked))
 
     def take_body(self) -> bytes:
         """Everything of the body that has arrived (and let the app send more)."""
@@ -449,7 +453,7 @@ class AppResponse:
             waiter.set_result(None)
 
     async def _wait_body(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._connection.loop
         waiter = self._body_waiter = loop.create_future()
         timer = loop.call_later(self._idle_timeout, self._idle_expired, waiter)
         try:

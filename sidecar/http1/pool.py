@@ -40,6 +40,9 @@ class AppPool:
         self._open: set[AppConnection] = set()
         self._sweep: asyncio.TimerHandle | None = None
         self._closed = False
+        # The event loop, known from the first connection on (so per-request calls need
+        # not look it up).
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def closed(self) -> bool:
@@ -58,7 +61,8 @@ class AppPool:
         idle = self._idle
         if not idle:
             return None
-        now = asyncio.get_running_loop().time()
+        assert self._loop is not None
+        now = self._loop.time()
         while idle:
             connection = idle.pop()
             since = connection.idle_since
@@ -71,11 +75,11 @@ class AppPool:
     async def connect(self) -> AppConnection:
         """A new connection (UpstreamFailure `connect` or `connect_timeout` if none can
         be made: nothing of the request was sent)."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self._connect_timeout) as timer:
                 _, protocol = await loop.create_connection(
-                    partial(AppConnection, self), self._host, self._port, ssl=self._ssl
+                    partial(AppConnection, self, loop), self._host, self._port, ssl=self._ssl
                 )
         except TimeoutError:
             if not timer.expired():
@@ -105,7 +109,7 @@ class AppPool:
         if self._closed or not connection.usable:
             connection.close()
             return
-        loop = asyncio.get_running_loop()
+        loop = connection.loop
         connection.idle_since = loop.time()
         self._idle.append(connection)
         if self._sweep is None:

@@ -35,6 +35,7 @@ from sidecar.chain import (
     UpstreamBodyBroken,
     UpstreamFailure,
 )
+from sidecar.relaying import HOP_BY_HOP
 
 # Response body bytes held while the client is slower than the app: past this, reading
 # from the app pauses until the client has taken what is held (backpressure).
@@ -510,14 +511,10 @@ def _bad_response(why: str) -> UpstreamFailure:
     )
 
 
-# Interim heads are relayed without the hop-by-hop fields (RFC 9110 §7.6.1).
-_INTERIM_HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "upgrade"})
-
-
 def _interim_head(status: int, reason: bytes, headers: HeaderPairs) -> bytes:
     lines = [b"HTTP/1.1 %d %b\r\n" % (status, reason)]
     for name, value in headers:
-        if name.lower() not in _INTERIM_HOP_BY_HOP:
+        if name.lower() not in HOP_BY_HOP:  # relayed without the hop-by-hop fields
             lines.append(
                 b"%b: %b\r\n" % (name.encode("latin-1"), value.encode("utf-8", "surrogateescape"))
             )

@@ -40,9 +40,6 @@ class AppPool:
         self._open: set[AppConnection] = set()
         self._sweep: asyncio.TimerHandle | None = None
         self._closed = False
-        # The event loop, known from the first connection on (so per-request calls need
-        # not look it up).
-        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def closed(self) -> bool:
@@ -61,8 +58,7 @@ class AppPool:
         idle = self._idle
         if not idle:
             return None
-        assert self._loop is not None
-        now = self._loop.time()
+        now = idle[-1].loop.time()  # a connection knows its loop: no lookup per request
         while idle:
             connection = idle.pop()
             since = connection.idle_since
@@ -75,7 +71,7 @@ class AppPool:
     async def connect(self) -> AppConnection:
         """A new connection (UpstreamFailure `connect` or `connect_timeout` if none can
         be made: nothing of the request was sent)."""
-        loop = self._loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self._connect_timeout) as timer:
                 _, protocol = await loop.create_connection(

@@ -66,6 +66,16 @@ IDEMPOTENCY_NOT_REPLAYABLE = Problem(
 IDEMPOTENCY_UNAVAILABLE = Problem(
     "idempotency-unavailable", 503, "Idempotency records are unavailable; retry later"
 )
+IDEMPOTENCY_CALLER_UNKNOWN = Problem(
+    "idempotency-caller-unknown",
+    400,
+    "An idempotency key needs a caller identity to be scoped to",
+)
+IDEMPOTENCY_NOT_ACCEPTABLE = Problem(
+    "idempotency-not-acceptable",
+    406,
+    "The stored response's content coding is not acceptable to this request",
+)
 
 CATALOGUE: tuple[Problem, ...] = (
     BAD_REQUEST,
@@ -88,6 +98,8 @@ CATALOGUE: tuple[Problem, ...] = (
     IDEMPOTENCY_IN_PROGRESS,
     IDEMPOTENCY_NOT_REPLAYABLE,
     IDEMPOTENCY_UNAVAILABLE,
+    IDEMPOTENCY_CALLER_UNKNOWN,
+    IDEMPOTENCY_NOT_ACCEPTABLE,
 )
 
 

@@ -123,8 +123,15 @@ class Metrics:
         self.idempotency = Counter(
             "sidecar_idempotency",
             "Idempotency decisions, by route and outcome (claimed, replayed, conflict, "
-            "mismatch, bypassed, not_replayable, store_error).",
+            "mismatch, bypassed, not_replayable, not_acceptable, store_error).",
             ["route", "outcome"],
+            registry=r,
+        )
+        self.idempotency_claims_lost = Counter(
+            "sidecar_idempotency_claims_lost",
+            "In-progress claims whose owner could no longer prove it held them (renewals "
+            "failed until the lease ran out, or another owner took the key), by route.",
+            ["route"],
             registry=r,
         )
         self.spans_exported = Counter(

@@ -292,6 +292,20 @@ def _check_single_path(node: RawMap, path: str, log: IssueLog) -> bool:
 # --- idempotency ------------------------------------------------------------------------------
 
 
+def _status(node: RawNode, path: str, log: IssueLog) -> int:
+    status = integer(100)(node, path, log)
+    if status > 599:
+        raise Invalid(f"expected an HTTP status from 100 to 599, got {describe(node)}")
+    return status
+
+
+_status_list = list_of(_status, "a list of HTTP statuses like [408, 429, 503]")
+
+
+def _statuses(node: RawNode, path: str, log: IssueLog) -> frozenset[int]:
+    return frozenset(_status_list(node, path, log))
+
+
 def _idempotency(**values: Any) -> IdempotencyConfig | None:
     config = IdempotencyConfig(**values)
     return config if config.enabled else None
@@ -319,9 +333,16 @@ IDEMPOTENCY: Schema = {
     "wait": duration(allow_zero=True),
     "max_request_body": size(minimum=1),
     "max_response_body": size(minimum=0),
+    "release_statuses": _statuses,
     "cache_5xx": boolean,
     "on_store_error": choice(("closed", "open")),
     "mismatch_status": one_of_integers((400, 409, 422)),
+    "anonymous": choice(("credentials", "reject", "bypass")),
+    "credentials_header": _header_name,
+    "claim_header": optional(
+        text(parse_header_name_as_written, "a header name like Idempotency-Claim, or null")
+    ),
+    "namespace": optional(text(parse_route_name, "a name like orders, or null")),
 }
 
 

@@ -193,11 +193,25 @@ class IdempotencyConfig:
     wait: float = 0.0
     max_request_body: int = 1024 * 1024
     max_response_body: int = 256 * 1024
-    cache_5xx: bool = False
+    # Statuses meaning "not acted upon, a retry may pass": the key is released and the
+    # answer not kept (408, 425, 429, 503: not processed; 401, 403, 407, 409, 412: refused).
+    release_statuses: frozenset[int] = frozenset({401, 403, 407, 408, 409, 412, 425, 429, 503})
+    # Any other 5xx from the app is an unknown outcome: stored and replayed, as Stripe does
+    # (false: released instead, so a retry runs again).
+    cache_5xx: bool = True
     # What happens when the store cannot answer: "closed" (503) or "open" (forward unprotected).
     on_store_error: str = "closed"
-    # Same key, different request: 422 (the IETF draft), or 400/409 for Stripe-style clients.
     mismatch_status: int = 422
+    # A caller with neither identity header: "credentials" (records scoped by a hash of
+    # credentials_header; refused without it), "reject" (400), or "bypass" (unprotected).
+    anonymous: str = "credentials"
+    credentials_header: str = "authorization"
+    # The header that tells the app the claim's token (time-ordered: an app can fence on
+    # it); None sends none. A client-sent header of this name never reaches the app.
+    claim_header: str | None = "Idempotency-Claim"
+    # Records are kept under this name (the route's name when None): renaming a route while
+    # keeping its namespace keeps its records.
+    namespace: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -47,8 +47,14 @@ class Keyspace:
     SWEEP_MAX_ROUNDS = 16
     SWEEP_CONTINUE_RATIO = 0.25
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
         self._clock = clock
+        self._wall_clock = wall_clock
+        self._last_unix_us = 0
         self._data: dict[str, Value] = {}
         # Absolute deadlines in ms for keys that have one. Insertion order doubles as the
         # sweep's round-robin queue: live keys examined by a sweep move to the back.
@@ -58,6 +64,12 @@ class Keyspace:
 
     def now_ms(self) -> int:
         return int(self._clock() * 1000)
+
+    def unix_us(self) -> int:
+        # Strictly increasing, so two stamps taken one after the other never tie or go
+        # back (a wall clock may step); Redis' TIME, which the Lua twins use, may tie.
+        self._last_unix_us = max(self._last_unix_us + 1, int(self._wall_clock() * 1_000_000))
+        return self._last_unix_us
 
     def _expired(self, key: str, now: int) -> bool:
         deadline = self._expires.get(key)

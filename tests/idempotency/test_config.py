@@ -29,8 +29,10 @@ def test_every_key_is_read_with_its_units() -> None:
         route(
             "{enabled: true, methods: [post, PUT], required: true, header: X-Request-Key,"
             " ttl: 2h, lease: 10s, wait: 1500ms, max_request_body: 2KiB,"
-            " max_response_body: 0, cache_5xx: true, on_store_error: open,"
-            " mismatch_status: 409}"
+            " max_response_body: 0, cache_5xx: false, on_store_error: open,"
+            " mismatch_status: 409, release_statuses: [429, 503],"
+            " anonymous: reject, credentials_header: X-Api-Key, claim_header: X-Fence,"
+            " namespace: orders-v1}"
         )
     )
     assert config.routes[0].idempotency == IdempotencyConfig(
@@ -43,10 +45,21 @@ def test_every_key_is_read_with_its_units() -> None:
         wait=1.5,
         max_request_body=2048,
         max_response_body=0,
-        cache_5xx=True,
+        cache_5xx=False,
         on_store_error="open",
         mismatch_status=409,
+        release_statuses=frozenset({429, 503}),
+        anonymous="reject",
+        credentials_header="x-api-key",
+        claim_header="X-Fence",
+        namespace="orders-v1",
     )
+
+
+def test_claim_header_and_namespace_may_be_null() -> None:
+    config = parse_config(route("{claim_header: null, namespace: null}")).routes[0].idempotency
+    assert config is not None
+    assert (config.claim_header, config.namespace) == (None, None)
 
 
 def test_an_empty_section_turns_it_on_with_the_defaults() -> None:
@@ -84,6 +97,12 @@ def test_defaults_merge_key_by_key_into_each_route() -> None:
         ("{max_request_body: 0}", "max_request_body"),
         ("{wait: 2s, lease: 2s}", "wait"),
         ("{unknown: 1}", "unknown"),
+        ("{release_statuses: [99]}", "release_statuses[0]"),
+        ("{release_statuses: [600]}", "release_statuses[0]"),
+        ("{release_statuses: 503}", "release_statuses"),
+        ("{anonymous: shared}", "anonymous"),
+        ("{claim_header: 'bad header'}", "claim_header"),
+        ("{namespace: 'a b'}", "namespace"),
     ],
 )
 def test_invalid_values_are_refused_at_their_key(section: str, key: str) -> None:

@@ -4,14 +4,17 @@ The path of a protected request (a listed method with a key):
 1. the body is buffered (up to max_request_body) and fingerprinted;
 2. one store round trip looks the record up and, if there is none, claims it;
 3. a completed record is replayed, a different request with the same key gets 422, one
-   still in flight gets 409 (or, with `wait`, its result once it lands);
+   still in flight gets 409 (or, with `wait`, its result once it lands; a store error
+   after that is a 409 too, never a forward);
 4. a claimed request goes upstream in a task of its own, shielded from the client: a
    client that hangs up cancels neither the app's work nor the completion write. The
-   owner renews its lease meanwhile; a crashed owner's lease simply runs out;
-5. the outcome decides the record: 2xx/4xx stored (but 408, 425, 429 and 5xx released,
-   unless cache_5xx), a connect failure released, an unknown outcome (timeout or reset
-   after sending) left to expire, a response too large or endless kept as "ran, not
-   replayable". The completion write does not hold up the response.
+   owner renews its lease meanwhile (lease.py) and tells the app its claim token; a
+   crashed owner's lease simply runs out;
+5. the outcome decides the record: stored, except the release_statuses (and other 5xx
+   when cache_5xx is off) and a connect failure, which release it; an unknown outcome
+   (timeout or reset after sending) is left to expire; a response too large or endless is
+   kept as "ran, not replayable". The completion write does not hold up the response; it
+   and every release are retried until the store answers or the lease would be over.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import time
 from email.utils import formatdate
 from random import getrandbits
 
@@ -43,13 +45,18 @@ from sidecar.chain import (
 )
 from sidecar.config import IdempotencyConfig, RouteConfig
 from sidecar.policies.base import PolicyDeps
+from sidecar.policies.idempotency.lease import Lease, until_answered
 from sidecar.policies.idempotency.records import (
     BEGIN,
     FINISH,
+    RECORD_VERSION,
     RELEASE,
     RENEW,
     REPLAYED_HEADERS,
+    BadRecord,
     Found,
+    accepts_encoding,
+    credentials_scope,
     decode_begin,
     decode_headers,
     encode_headers,
@@ -61,9 +68,6 @@ from sidecar.store import ScriptCall, StoreError
 
 REPLAYED = "Idempotent-Replayed"
 EXPIRES = "Idempotency-Expires"
-# Statuses a retry may repeat: the request was refused, not acted upon.
-_RETRYABLE_STATUSES = frozenset({408, 425, 429})
-_FINISH_ATTEMPTS = 3
 _WAIT_FIRST_POLL = 0.05
 _WAIT_LONGEST_POLL = 0.5
 OUTCOMES = (
@@ -73,6 +77,7 @@ OUTCOMES = (
     "mismatch",
     "bypassed",
     "not_replayable",
+    "not_acceptable",
     "store_error",
 )
 
@@ -81,10 +86,13 @@ class IdempotencyPolicy:
     def __init__(self, config: IdempotencyConfig, route: RouteConfig, deps: PolicyDeps) -> None:
         self._config = config
         self._route = route.name
+        self._namespace = config.namespace or route.name
         self._methods = config.methods
         self._header = config.header
+        self._claim_header = config.claim_header
         # The route's own max_body still applies: buffering must not raise the limit.
         self._body_limit = min(config.max_request_body, route.max_body)
+        self._lease = config.lease
         self._lease_ms = int(config.lease * 1000)
         self._ttl_ms = int(config.ttl * 1000)
         self._org_header = deps.config.identity.org_header
@@ -94,8 +102,12 @@ class IdempotencyPolicy:
         self._background = deps.background
         counter: Counter = deps.metrics.idempotency
         self._outcomes = {outcome: counter.labels(route.name, outcome) for outcome in OUTCOMES}
+        self._claims_lost = deps.metrics.idempotency_claims_lost.labels(route.name)
 
     async def __call__(self, request: ProxyRequest, call_next: Next) -> ProxyResponse:
+        if self._claim_header is not None:
+            # Only the sidecar speaks for a claim: a client's own value never reaches the app.
+            request.headers.popall(self._claim_header, None)
         if request.method not in self._methods:
             return await call_next(request)
         values = request.raw.headers.getall(self._header, ())
@@ -106,16 +118,20 @@ class IdempotencyPolicy:
                     request,
                     f"{request.method} requests on this route need an Idempotency-Key",
                 )
-            self._outcomes["bypassed"].inc()
-            return await call_next(request)
+            return await self._bypass(request, call_next)
         key = parse_key(values)
         if key is None:
             return errors.problem_for(
                 errors.IDEMPOTENCY_KEY_INVALID,
                 request,
                 "send one Idempotency-Key of 1 to 255 printable ASCII characters,"
-                ' as a token or a quoted string ("...")',
+                ' bare or as a quoted string ("...")',
             )
+        caller = self._caller(request)
+        if caller is None:
+            if self._config.anonymous == "bypass":
+                return await self._bypass(request, call_next)
+            return self._caller_unknown(request)
         try:
             body = await request.read_body(self._body_limit)
         except BodyTooLarge as exc:
@@ -124,14 +140,8 @@ class IdempotencyPolicy:
             return errors.client_stalled(request, exc.detail)
         raw_headers = request.raw.headers
         claim = _Claim(
-            record=record_key(
-                raw_headers.get(self._org_header, ""),
-                raw_headers.get(self._user_header, ""),
-                request.method,
-                self._route,
-                key,
-            ),
-            token=f"{getrandbits(128):032x}",
+            record=record_key(caller[0], caller[1], request.method, self._namespace, key),
+            owner=f"{getrandbits(128):032x}",
             fingerprint=fingerprint(
                 request.method,
                 request.target,
@@ -142,19 +152,58 @@ class IdempotencyPolicy:
         )
         return await self._admit(request, call_next, claim)
 
+    def _caller(self, request: ProxyRequest) -> tuple[str, str] | None:
+        """(org, user) the record is scoped to; None for a caller nobody vouches for."""
+        headers = request.raw.headers
+        org = headers.get(self._org_header, "")
+        user = headers.get(self._user_header, "")
+        if org or user:
+            return org, user
+        if self._config.anonymous == "credentials":
+            credentials = headers.get(self._config.credentials_header, "")
+            if credentials:
+                return "", credentials_scope(credentials)
+        return None
+
+    async def _bypass(self, request: ProxyRequest, call_next: Next) -> ProxyResponse:
+        self._outcomes["bypassed"].inc()
+        return await call_next(request)
+
+    def _caller_unknown(self, request: ProxyRequest) -> ProxyResponse:
+        # Without a caller to scope it to, one caller's key could replay another's response.
+        if self._config.anonymous == "credentials":
+            wanted = f"{self._org_header}, {self._user_header} or {self._config.credentials_header}"
+        else:
+            wanted = f"{self._org_header} or {self._user_header}"
+        return errors.problem_for(
+            errors.IDEMPOTENCY_CALLER_UNKNOWN,
+            request,
+            f"requests with an Idempotency-Key on this route must identify their caller ({wanted})",
+        )
+
     # -- before the upstream ---------------------------------------------------------
 
     async def _admit(self, request: ProxyRequest, call_next: Next, claim: _Claim) -> ProxyResponse:
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + self._config.wait
         poll = _WAIT_FIRST_POLL
+        in_progress: Found | None = None
         while True:
+            sent_at = loop.time()
             try:
-                found = await self._begin(claim)
+                found = await self._begin(claim, sent_at)
             except StoreError as error:
-                return await self._store_failed(request, call_next, error)
+                # The claim may have landed with its reply lost: give it back once the
+                # store answers, or a retry would meet a claim nobody owns for a lease.
+                self._give_back(claim.owner, claim.record, sent_at + self._lease)
+                if in_progress is not None:
+                    return self._still_in_progress(request, in_progress, error.kind)
+                return await self._store_failed(request, call_next, error.kind)
+            except BadRecord as error:
+                return await self._store_failed(request, call_next, error.kind)
             if found.state == "claimed":
-                return await self._execute(request, call_next, claim)
+                claim.token = found.token
+                return await self._execute(request, call_next, claim, sent_at)
             if not found.same_request:
                 return self._mismatch(request)
             if found.state == "completed":
@@ -168,6 +217,7 @@ class IdempotencyPolicy:
                     "the first request with this key ran, but its response was too large or"
                     " streamed, so it was not kept; use a new key to run it again",
                 )
+            in_progress = found
             remaining = give_up_at - loop.time()
             if remaining <= 0:
                 return self._conflict(request, found)
@@ -175,26 +225,35 @@ class IdempotencyPolicy:
             await asyncio.sleep(min(poll, remaining))
             poll = min(poll * 2, _WAIT_LONGEST_POLL)
 
-    async def _begin(self, claim: _Claim) -> Found:
-        call = ScriptCall(BEGIN, (claim.record,), (claim.token, claim.fingerprint, self._lease_ms))
+    async def _begin(self, claim: _Claim, sent_at: float) -> Found:
+        call = ScriptCall(
+            BEGIN, (claim.record,), (claim.owner, claim.fingerprint, self._lease_ms, RECORD_VERSION)
+        )
         begin = asyncio.ensure_future(self._store.execute([call]))
         try:
             replies = await asyncio.shield(begin)
         except asyncio.CancelledError:
             # The client left while the claim was on its way: if it landed, give it back
             # rather than leave an ownerless claim blocking retries for a whole lease.
-            self._background.spawn(self._release_if_claimed(begin, claim))
+            self._background.spawn(self._release_if_claimed(begin, claim, sent_at))
             raise
         return decode_begin(replies[0])
 
-    async def _release_if_claimed(self, begin: asyncio.Future[list[object]], claim: _Claim) -> None:
-        with contextlib.suppress(StoreError):
+    async def _release_if_claimed(
+        self, begin: asyncio.Future[list[object]], claim: _Claim, sent_at: float
+    ) -> None:
+        try:
             replies = await begin
-            if decode_begin(replies[0]).state == "claimed":
-                await self._store.execute([ScriptCall(RELEASE, (claim.record,), (claim.token,))])
+        except StoreError:
+            self._give_back(claim.owner, claim.record, sent_at + self._lease)
+            return
+        with contextlib.suppress(BadRecord):
+            found = decode_begin(replies[0])
+            if found.state == "claimed":
+                self._give_back(found.token, claim.record, sent_at + self._lease)
 
     async def _store_failed(
-        self, request: ProxyRequest, call_next: Next, error: StoreError
+        self, request: ProxyRequest, call_next: Next, kind: str
     ) -> ProxyResponse:
         self._outcomes["store_error"].inc()
         fail_open = self._config.on_store_error == "open"
@@ -203,7 +262,7 @@ class IdempotencyPolicy:
             "idempotency.store_error",
             level="warning",
             route=self._route,
-            kind=error.kind,
+            kind=kind,
             action="forwarded unprotected" if fail_open else "refused",
         )
         if fail_open:
@@ -215,6 +274,20 @@ class IdempotencyPolicy:
         )
         response.headers["Retry-After"] = "1"
         return response
+
+    def _still_in_progress(self, request: ProxyRequest, found: Found, kind: str) -> ProxyResponse:
+        """A waiting retry whose store went away: the first request was running when last
+        seen, so forwarding this one (even with on_store_error: open) could run it twice."""
+        self._outcomes["store_error"].inc()
+        self._log.request_event(
+            request,
+            "idempotency.store_error",
+            level="warning",
+            route=self._route,
+            kind=kind,
+            action="refused: the first request was still in progress",
+        )
+        return self._in_progress_response(request, found)
 
     def _mismatch(self, request: ProxyRequest) -> ProxyResponse:
         self._outcomes["mismatch"].inc()
@@ -229,6 +302,9 @@ class IdempotencyPolicy:
     def _conflict(self, request: ProxyRequest, found: Found) -> ProxyResponse:
         self._outcomes["conflict"].inc()
         self._log.request_event(request, "idempotency.conflict", route=self._route)
+        return self._in_progress_response(request, found)
+
+    def _in_progress_response(self, request: ProxyRequest, found: Found) -> ProxyResponse:
         response = errors.problem_for(
             errors.IDEMPOTENCY_IN_PROGRESS,
             request,
@@ -238,22 +314,50 @@ class IdempotencyPolicy:
         return response
 
     def _replay(self, request: ProxyRequest, found: Found) -> ProxyResponse:
+        headers: CIMultiDict[str] = CIMultiDict(decode_headers(found.headers))
+        coding = headers.get(hdrs.CONTENT_ENCODING, "")
+        if not accepts_encoding(request.raw.headers.get(hdrs.ACCEPT_ENCODING), coding):
+            return self._not_acceptable(request, coding)
         self._outcomes["replayed"].inc()
         self._log.request_event(
             request, "idempotency.replayed", route=self._route, status=found.status
         )
-        headers: CIMultiDict[str] = CIMultiDict(decode_headers(found.headers))
         headers[REPLAYED] = "true"
         headers[EXPIRES] = _http_date(found.expires_ms)
         return ProxyResponse(found.status, headers, found.body, origin=Origin.REPLAY)
 
+    def _not_acceptable(self, request: ProxyRequest, coding: str) -> ProxyResponse:
+        # The sidecar never re-encodes a stored body; a retry that no longer accepts the
+        # first answer's coding is told so rather than sent bytes it cannot read.
+        self._outcomes["not_acceptable"].inc()
+        self._log.request_event(
+            request, "idempotency.not_acceptable", route=self._route, coding=coding
+        )
+        return errors.problem_for(
+            errors.IDEMPOTENCY_NOT_ACCEPTABLE,
+            request,
+            f"the first response with this key is {coding}-encoded and this request's"
+            " Accept-Encoding refuses that",
+        )
+
     # -- the one execution -----------------------------------------------------------
 
     async def _execute(
-        self, request: ProxyRequest, call_next: Next, claim: _Claim
+        self, request: ProxyRequest, call_next: Next, claim: _Claim, claimed_at: float
     ) -> ProxyResponse:
         self._outcomes["claimed"].inc()
-        run = self._background.spawn(self._run(request, call_next, claim))
+        if self._claim_header is not None:
+            request.headers[self._claim_header] = claim.token
+        renew = ScriptCall(RENEW, (claim.record,), (claim.token, self._lease_ms))
+
+        def lost(reason: str) -> None:
+            self._claims_lost.inc()
+            self._log.request_event(
+                request, "idempotency.claim_lost", level="error", route=self._route, reason=reason
+            )
+
+        lease = Lease(self._store, renew, self._lease, claimed_at, lost)
+        run = self._background.spawn(self._run(request, call_next, claim, lease))
         try:
             return await asyncio.shield(run)
         except asyncio.CancelledError:
@@ -262,52 +366,41 @@ class IdempotencyPolicy:
             run.add_done_callback(_discard_response)
             raise
 
-    async def _run(self, request: ProxyRequest, call_next: Next, claim: _Claim) -> ProxyResponse:
-        renewing = asyncio.create_task(self._keep_claim(claim))
+    async def _run(
+        self, request: ProxyRequest, call_next: Next, claim: _Claim, lease: Lease
+    ) -> ProxyResponse:
+        lease.start()
         try:
             response = await call_next(request)
-            return await self._settle(request, response, claim)
-        finally:
-            renewing.cancel()
-
-    async def _keep_claim(self, claim: _Claim) -> None:
-        interval = self._config.lease / 3
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                replies = await self._store.execute(
-                    [ScriptCall(RENEW, (claim.record,), (claim.token, self._lease_ms))]
-                )
-            except StoreError:
-                continue  # the next renewal may get through; the lease still has 2/3 left
-            if replies[0] != 1:
-                return  # not ours any more: nothing left to renew
+        except BaseException:
+            lease.stop()  # outcome unknown: the claim is left to expire
+            raise
+        return await self._settle(request, response, claim, lease)
 
     async def _settle(
-        self, request: ProxyRequest, response: ProxyResponse, claim: _Claim
+        self, request: ProxyRequest, response: ProxyResponse, claim: _Claim, lease: Lease
     ) -> ProxyResponse:
         """Decide what the record becomes, from what the app answered."""
         failure = response.failure
         if failure is not None:
+            lease.stop()
             if not failure.request_sent:
-                self._release(claim)
+                self._give_back(claim.token, claim.record, lease.deadline)
             # Otherwise the outcome is unknown (the app may have acted): the claim stays
             # until its lease runs out, so retries get 409 rather than a second execution.
             return response
-        if response.local:
+        if response.local or self._released(response.status):
             # Answered before reaching the app (a 413, and later a quota 429 or an open
-            # breaker's 503): nothing ran, so the key is free again, whatever the status.
-            self._release(claim)
+            # breaker's 503), or refused by it in a way a retry may repeat: the key is free.
+            lease.stop()
+            self._give_back(claim.token, claim.record, lease.deadline)
             return response
-        status = response.status
         response.headers[REPLAYED] = "false"
-        if status in _RETRYABLE_STATUSES or (status >= 500 and not self._config.cache_5xx):
-            self._release(claim)
-            return response
         try:
             body = await self._capture(response)
         except (UpstreamBodyBroken, TimeoutError):
             # The app's body broke off: what it did is unknown; leave the claim to expire.
+            lease.stop()
             if response.release is not None:
                 response.release()
             failure = UpstreamFailure(
@@ -316,15 +409,18 @@ class IdempotencyPolicy:
                 "the upstream's response body broke off",
             )
             return errors.failure_response(request, failure)
-        expires_ms = int((time.time() + self._config.ttl) * 1000)
-        response.headers[EXPIRES] = _http_date(expires_ms)
         kept = [
             (name, value)
             for name, value in response.headers.items()
             if name.lower() in REPLAYED_HEADERS
         ]
-        self._background.spawn(self._finish(request, claim, status, kept, body, expires_ms))
+        self._background.spawn(self._finish(request, claim, lease, response.status, kept, body))
         return response
+
+    def _released(self, status: int) -> bool:
+        if status in self._config.release_statuses:
+            return True
+        return status >= 500 and not self._config.cache_5xx
 
     async def _capture(self, response: ProxyResponse) -> bytes | None:
         """The whole body if it fits in max_response_body (then relayed from memory);
@@ -357,13 +453,16 @@ class IdempotencyPolicy:
         self,
         request: ProxyRequest,
         claim: _Claim,
+        lease: Lease,
         status: int,
         headers: list[tuple[str, str]],
         body: bytes | None,
-        expires_ms: int,
     ) -> None:
-        # Each request counts once, under the outcome it met; these writes are counted by
-        # the store's own metrics (sidecar_store_errors_total{operation=...}).
+        """Store the outcome, retrying (the write is a compare-and-set, so a repeat that
+        lands twice is harmless) for up to one lease while the lease is renewed: a blip
+        right after the response must not leave the record to expire and the request to
+        run again. Each request counts once, under the outcome it met; these writes are
+        counted by the store's own metrics (sidecar_store_errors_total{operation=...})."""
         state = "c" if body is not None else "n"
         call = ScriptCall(
             FINISH,
@@ -374,47 +473,49 @@ class IdempotencyPolicy:
                 status,
                 encode_headers(headers),
                 body or b"",
-                expires_ms,
                 self._ttl_ms,
                 claim.fingerprint,
+                RECORD_VERSION,
             ),
         )
-        for attempt in range(_FINISH_ATTEMPTS):
-            try:
-                replies = await self._store.execute([call])
-            except StoreError as error:
-                # A timeout may have landed; the script makes a repeated write harmless.
-                if error.kind != "script" and attempt + 1 < _FINISH_ATTEMPTS:
-                    await asyncio.sleep(0.05 * (attempt + 1))
-                    continue
-                self._log.request_event(
-                    request,
-                    "idempotency.finish_failed",
-                    level="error",
-                    route=self._route,
-                    kind=error.kind,
-                )
-                return
-            if replies[0] == 0:
-                self._log.request_event(
-                    request, "idempotency.claim_lost", level="warning", route=self._route
-                )
+        give_up_at = asyncio.get_running_loop().time() + self._lease
+        try:
+            stored = await until_answered(self._store, call, give_up_at)
+        except StoreError as error:
+            self._log.request_event(
+                request,
+                "idempotency.finish_failed",
+                level="error",
+                route=self._route,
+                kind=error.kind,
+            )
             return
+        finally:
+            lease.stop()
+        if stored == 0:
+            lease.lose("taken")  # another owner holds the key: nothing was written
 
-    def _release(self, claim: _Claim) -> None:
+    def _give_back(self, token: str, record: str, until: float) -> None:
+        """Release a claim (by its token, or only its owner id when the claim's reply was
+        lost), retrying until the store answers or the claim would have expired anyway."""
+
         async def release() -> None:
-            with contextlib.suppress(StoreError):  # failing that, the lease expires on its own
-                await self._store.execute([ScriptCall(RELEASE, (claim.record,), (claim.token,))])
+            call = ScriptCall(RELEASE, (record,), (token,))
+            with contextlib.suppress(StoreError):
+                await until_answered(self._store, call, until)
 
         self._background.spawn(release())
 
 
 class _Claim:
-    __slots__ = ("fingerprint", "record", "token")
+    __slots__ = ("fingerprint", "owner", "record", "token")
 
-    def __init__(self, record: str, token: str, fingerprint: str) -> None:
+    def __init__(self, record: str, owner: str, fingerprint: str) -> None:
         self.record = record
-        self.token = token
+        # Random, chosen here: enough to release a claim whose reply was lost.
+        self.owner = owner
+        # The store's claim token (time-ordered, ending in the owner id), once claimed.
+        self.token = ""
         self.fingerprint = fingerprint
 
 

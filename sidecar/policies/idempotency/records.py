@@ -36,14 +36,27 @@ REPLAYED_HEADERS = frozenset(
     }
 )
 MAX_KEY_LENGTH = 255
+# The record layout these scripts read and write (field `v`); a record of another layout,
+# written by another release sharing the store, is reported rather than misread.
+RECORD_VERSION = 1
 _SAFE_ORG = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
-_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+# A user slot no header value can hold (field values cannot carry control characters), so
+# a caller scoped by its credentials never shares a namespace with a user of that name.
+_CREDENTIALS_SCOPE = "\x01credentials:"
 
 
-def record_key(org: str, user: str, method: str, route: str, key: str) -> str:
-    """The store key of one record: scoped so no other org, user, method or route shares it."""
-    scope = "\x00".join((org, user, method, route, key)).encode("utf-8", "surrogateescape")
+def record_key(org: str, user: str, method: str, namespace: str, key: str) -> str:
+    """The store key of one record: scoped so no other org, user, method or namespace (the
+    route's name unless configured) shares it."""
+    scope = "\x00".join((org, user, method, namespace, key)).encode("utf-8", "surrogateescape")
     return f"idem:{{o:{org_tag(org)}}}:{hashlib.sha256(scope).hexdigest()}"
+
+
+def credentials_scope(credentials: str) -> str:
+    """The user slot of a caller known only by its credentials: a hash of them, never the
+    credentials themselves (the store key must not hold a bearer token)."""
+    digest = hashlib.sha256(credentials.encode("utf-8", "surrogateescape")).hexdigest()
+    return _CREDENTIALS_SCOPE + digest
 
 
 def org_tag(org: str) -> str:
@@ -60,17 +73,13 @@ def parse_key(values: Sequence[str]) -> str | None:
     """The key from the header's field lines, or None when it is not a valid key.
 
     Accepted: an RFC 8941 string (`"8e03..."`, with `\\"` and `\\\\` escapes) as the IETF
-    draft asks, or a bare token as Stripe-style clients send; 1-255 printable ASCII.
+    draft asks, or the bare value Stripe-style clients send (`order:42`, base64 with `/`,
+    `+`, `=`, a UUID, `user@host`...); either way 1-255 printable ASCII characters.
     """
     if len(values) != 1:
         return None
     value = values[0].strip(" \t")
-    if value.startswith('"'):
-        key = _parse_sf_string(value)
-    elif _TOKEN.fullmatch(value):
-        key = value
-    else:
-        key = None
+    key = _parse_sf_string(value) if value.startswith('"') else value
     if key is None or not 1 <= len(key) <= MAX_KEY_LENGTH:
         return None
     if not all(0x20 <= ord(char) <= 0x7E for char in key):
@@ -122,7 +131,7 @@ def decode_headers(data: bytes) -> list[tuple[str, str]]:
 
 @dataclass(frozen=True, slots=True)
 class Found:
-    """What `begin` found: a claim for us, or someone else's record."""
+    """What `begin` found: a claim for us (with its token), or someone else's record."""
 
     state: str  # claimed | in_progress | completed | not_replayable
     same_request: bool = True
@@ -131,19 +140,94 @@ class Found:
     body: bytes = b""
     expires_ms: int = 0
     lease_left_ms: int = 0
+    token: str = ""
+
+
+class BadRecord(Exception):
+    """A record this release cannot read: garbled, or written in another layout."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind  # "malformed_record" or "foreign_record"
 
 
 def decode_begin(reply: object) -> Found:
-    assert isinstance(reply, list) and reply
-    state = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
+    """The begin script's reply, or BadRecord if the record behind it cannot be read."""
+    try:
+        return _decode_begin(reply)
+    except BadRecord:
+        raise
+    except (IndexError, TypeError, ValueError) as exc:
+        message = f"unreadable idempotency record: {reply!r:.200}"
+        raise BadRecord("malformed_record", message) from exc
+
+
+def _decode_begin(reply: object) -> Found:
+    if not isinstance(reply, list) or not reply:
+        raise TypeError("not a list")
+    state = _text(reply[0])
     if state == "claimed":
-        return Found(state)
+        return Found(state, token=_text(reply[1]))
+    if state == "foreign":
+        raise BadRecord("foreign_record", f"idempotency record of layout {reply[1]!r}")
     same = reply[1] == 1
     if state == "in_progress":
-        return Found(state, same, lease_left_ms=int(reply[2]))
+        return Found(state, same, lease_left_ms=_number(reply[2]))
     if state == "completed":
-        return Found(state, same, int(reply[2]), reply[3], reply[4], int(reply[5]))
-    return Found(state, same, int(reply[2]), expires_ms=int(reply[3]))
+        headers, body = _bytes(reply[3]), _bytes(reply[4])
+        decode_headers(headers)  # a garbled header list fails here, not while replaying
+        return Found(state, same, _number(reply[2]), headers, body, _number(reply[5]))
+    if state == "not_replayable":
+        return Found(state, same, _number(reply[2]), expires_ms=_number(reply[3]))
+    raise ValueError(f"unknown record state {state!r}")
+
+
+def _bytes(value: object) -> bytes:
+    if not isinstance(value, bytes):
+        raise TypeError(f"expected bytes, got {value!r:.50}")
+    return value
+
+
+def _text(value: object) -> str:
+    return _bytes(value).decode()
+
+
+def _number(value: object) -> int:
+    # A field the script could not read as a number comes back as nil -> Redis' false,
+    # which is None on the wire; the memory twin gives None too.
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"expected a number, got {value!r}")
+    return value
+
+
+def accepts_encoding(accept_encoding: str | None, coding: str) -> bool:
+    """Whether a request whose Accept-Encoding is `accept_encoding` accepts a body in
+    `coding` (RFC 9110 section 12.5.3): no header accepts anything; `*` stands for every coding
+    not named; a q of 0 refuses."""
+    coding = coding.strip().lower()
+    if accept_encoding is None or coding in ("", "identity"):
+        return True
+    wildcard: bool | None = None
+    for item in accept_encoding.split(","):
+        name, _, params = item.partition(";")
+        name = name.strip().lower()
+        accepted = not _zero_q(params)
+        if name == coding:
+            return accepted
+        if name == "*":
+            wildcard = accepted
+    return bool(wildcard)
+
+
+def _zero_q(params: str) -> bool:
+    for param in params.split(";"):
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "q":
+            try:
+                return float(value.strip()) == 0
+            except ValueError:
+                return False
+    return False
 
 
 # --- the scripts' Python twins (the memory backend), line for line with the Lua ---------
@@ -156,19 +240,32 @@ def _arg(value: ScriptArg) -> bytes:
     return str(value).encode()
 
 
+def _int_field(ks: MemoryKeyspace, key: str, name: str) -> int | None:
+    """tonumber(HGET ...) or false: None for a missing or non-numeric field."""
+    value = ks.hget(key, name)
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
 def _begin(ks: MemoryKeyspace, keys: Sequence[str], args: Sequence[ScriptArg]) -> object:
     key = keys[0]
-    token, print_, lease = _arg(args[0]), _arg(args[1]), int(args[2])
+    owner, print_, lease, version = _arg(args[0]), _arg(args[1]), int(args[2]), _arg(args[3])
     state = ks.hget(key, "s")
     if state is None:
-        ks.hset(key, {"s": b"p", "t": token, "f": print_})
+        token = b"%016d-%s" % (ks.unix_us(), owner)
+        ks.hset(key, {"s": b"p", "t": token, "f": print_, "v": version})
         ks.pexpire(key, lease)
-        return [b"claimed"]
+        return [b"claimed", token]
+    stored_version = ks.hget(key, "v")
+    if stored_version is not None and stored_version != version:
+        return [b"foreign", stored_version]
     same = 1 if ks.hget(key, "f") == print_ else 0
     if state == b"p":
         return [b"in_progress", same, ks.pttl(key)]
-    status = int(ks.hget(key, "c") or 0)
-    expires = int(ks.hget(key, "e") or 0)
+    status = _int_field(ks, key, "c")
+    expires = _int_field(ks, key, "e")
     if state == b"c":
         return [b"completed", same, status, ks.hget(key, "h"), ks.hget(key, "b"), expires]
     return [b"not_replayable", same, status, expires]
@@ -195,14 +292,18 @@ def _finish(ks: MemoryKeyspace, keys: Sequence[str], args: Sequence[ScriptArg]) 
         return 0
     elif state != b"p":
         return 1
-    fields = {"s": 1, "c": 2, "h": 3, "b": 4, "e": 5, "f": 7, "t": 0}
+    expires = ks.unix_us() // 1000 + int(args[5])
+    fields = {"s": 1, "c": 2, "h": 3, "b": 4, "f": 6, "t": 0, "v": 7}
     ks.hset(key, {name: _arg(args[index]) for name, index in fields.items()})
-    ks.pexpire(key, int(args[6]))
+    ks.hset(key, {"e": str(expires).encode()})
+    ks.pexpire(key, int(args[5]))
     return result
 
 
 def _release(ks: MemoryKeyspace, keys: Sequence[str], args: Sequence[ScriptArg]) -> object:
-    if _owns(ks, keys[0], _arg(args[0])):
+    token, given = ks.hget(keys[0], "t"), _arg(args[0])
+    mine = token is not None and (token == given or token.endswith(b"-" + given))
+    if ks.hget(keys[0], "s") == b"p" and mine:
         ks.delete(keys[0])
         return 1
     return 0

@@ -13,15 +13,18 @@ from typing import TypeAlias
 from sidecar.store.base import ScriptCall, StoreError
 
 # Called after every execute/ping with (operation label, seconds, error kind or None).
-# The label is the script name, "a+b" for a batch (in call order), or "ping". Scripts are a
-# static set, so labels stay bounded and are safe as metric labels. Must not raise.
+# The label is the script name, "a+b" for a batch (each name once, in call order), or
+# "ping". Scripts are a static set, so labels stay bounded and are safe as metric labels.
+# Must not raise.
 StoreObserver: TypeAlias = Callable[[str, float, str | None], None]
 
 
 def batch_label(calls: Sequence[ScriptCall]) -> str:
     if len(calls) == 1:
         return calls[0].script.name
-    return "+".join(call.script.name for call in calls)
+    # Each script named once, in order of first use: a batch of 200 releases is
+    # "idempotency_release", so batch sizes never multiply the label values.
+    return "+".join(dict.fromkeys(call.script.name for call in calls))
 
 
 def report(

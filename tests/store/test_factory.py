@@ -56,7 +56,8 @@ def test_batch_label() -> None:
     one = ScriptCall(INCR_TTL, ("k",))
     two = ScriptCall(GET_MANY, ("k",))
     assert batch_label([one]) == "incr_ttl"
-    assert batch_label([one, two, one]) == "incr_ttl+get_many+incr_ttl"
+    assert batch_label([one, two, one]) == "incr_ttl+get_many"
+    assert batch_label([two] * 200) == "get_many"
 
 
 def test_memory_store_does_not_load_redis() -> None:

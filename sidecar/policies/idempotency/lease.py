@@ -1,4 +1,7 @@
-"""The owner's hold on an in-progress claim: renewed in the background, known at every moment.
+"""A claim's life after `begin`: the owner's lease, and giving claims back.
+
+The owner's hold on an in-progress claim is renewed in the background and known at every
+moment.
 
 A claim lives on the store for `lease` seconds from the moment its last claim or renewal
 *landed*; the owner counts from the moment it *sent* that call, which is never later, so
@@ -12,7 +15,8 @@ key, the claim is lost: `on_lost` is told then, not when the request ends.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from sidecar.store import ScriptCall, ScriptResult, StateStore, StoreError
 
@@ -122,3 +126,57 @@ class Lease:
         self.deadline = sent_at + self._lease
         self._expiry.cancel()
         self._expiry = self._loop.call_at(self.deadline, self.lose, "expired")
+
+
+class ReleaseQueue:
+    """Claims to give back, released in batches by one task until the store answers.
+
+    A release must outlast a store outage (else a retry meets a claim nobody owns for a
+    whole lease), but one retrying task per request would hammer a recovering store with
+    as many calls as requests failed meanwhile. So releases wait here, one per claim, and
+    one task sends them together (one round trip per batch), backing off while the store
+    fails and dropping each once its claim would have expired anyway.
+    """
+
+    BATCH = 256
+
+    def __init__(self, store: StateStore, spawn: Callable[[Coroutine[Any, Any, None]], object]):
+        self._store = store
+        self._spawn = spawn
+        # (record, token) -> (RELEASE call, loop time after which the claim has expired
+        # anyway). Several claims of one record may wait at once (a client's retries).
+        self._pending: dict[tuple[str, str], tuple[ScriptCall, float]] = {}
+        self._running = False
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def add(self, record: str, token: str, call: ScriptCall, until: float) -> None:
+        self._pending[(record, token)] = (call, until)
+        if not self._running:
+            self._running = True
+            self._spawn(self._drain())
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        pause = _FIRST_PAUSE
+        try:
+            while self._pending:
+                now = loop.time()
+                for claim in [c for c, (_, until) in self._pending.items() if until < now]:
+                    del self._pending[claim]
+                batch = list(self._pending.items())[: self.BATCH]
+                if not batch:
+                    return
+                try:
+                    await self._store.execute([call for _, (call, _) in batch])
+                except StoreError:
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, _LONGEST_PAUSE)
+                    continue
+                pause = _FIRST_PAUSE
+                for claim, entry in batch:
+                    if self._pending.get(claim) is entry:  # not re-queued meanwhile
+                        del self._pending[claim]
+        finally:
+            self._running = False

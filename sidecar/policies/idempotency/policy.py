@@ -45,7 +45,7 @@ from sidecar.chain import (
 )
 from sidecar.config import IdempotencyConfig, RouteConfig
 from sidecar.policies.base import PolicyDeps
-from sidecar.policies.idempotency.lease import Lease, until_answered
+from sidecar.policies.idempotency.lease import Lease, ReleaseQueue, until_answered
 from sidecar.policies.idempotency.records import (
     BEGIN,
     FINISH,
@@ -100,6 +100,7 @@ class IdempotencyPolicy:
         self._store = deps.store
         self._log = deps.log
         self._background = deps.background
+        self._releases = ReleaseQueue(self._store, self._background.spawn)
         counter: Counter = deps.metrics.idempotency
         self._outcomes = {outcome: counter.labels(route.name, outcome) for outcome in OUTCOMES}
         self._claims_lost = deps.metrics.idempotency_claims_lost.labels(route.name)
@@ -497,14 +498,8 @@ class IdempotencyPolicy:
 
     def _give_back(self, token: str, record: str, until: float) -> None:
         """Release a claim (by its token, or only its owner id when the claim's reply was
-        lost), retrying until the store answers or the claim would have expired anyway."""
-
-        async def release() -> None:
-            call = ScriptCall(RELEASE, (record,), (token,))
-            with contextlib.suppress(StoreError):
-                await until_answered(self._store, call, until)
-
-        self._background.spawn(release())
+        lost), retried until the store answers or the claim would have expired anyway."""
+        self._releases.add(record, token, ScriptCall(RELEASE, (record,), (token,)), until)
 
 
 class _Claim:

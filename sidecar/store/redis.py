@@ -43,7 +43,7 @@ from sidecar.config.describe import mask_url
 from sidecar.config.model import StateConfig
 from sidecar.store.base import Script, ScriptCall, ScriptResult, StoreError
 from sidecar.store.observe import StoreObserver, batch_label, report
-from sidecar.store.resp import LeanConnection, usable_for
+from sidecar.store.resp import LeanConnection, check_options, usable_for
 
 T = TypeVar("T")
 Command = tuple[Any, ...]
@@ -126,8 +126,8 @@ class RedisStore:
                 async with self._slots:
                     return await operation()
         except TimeoutError as exc:
-            if self._lean is not None:
-                self._lean.reset()  # it may be wedged: redial rather than queue behind it
+            # The lean transport decides itself whether the connection this call used is
+            # dead (silent for a whole timeout): see LeanConnection.pipeline.
             raise StoreError("timeout", f"no answer within {self._timeout * 1000:g} ms") from exc
         except RedisTimeoutError as exc:
             raise StoreError("timeout", str(exc)) from exc
@@ -198,7 +198,13 @@ class RedisStore:
         async with self._client.pipeline(transaction=False) as pipe:
             for command in commands:
                 pipe.execute_command(*command)
-            return await pipe.execute(raise_on_error=False)
+            replies = await pipe.execute(raise_on_error=False)
+        if self._sentinel is None and any(isinstance(reply, ReadOnlyError) for reply in replies):
+            # A demoted master (behind a VIP or DNS name), as the lean transport handles it:
+            # drop the pooled connections so the next calls dial again. (Sentinel's own
+            # connections already drop themselves on READONLY and ask the sentinels.)
+            await self._client.connection_pool.disconnect(inuse_connections=False)
+        return replies
 
 
 def script_sha(script: Script) -> str:
@@ -245,7 +251,7 @@ def _lean_connection(config: StateConfig) -> LeanConnection | None:
     if urlsplit(config.url).scheme.lower() == SENTINEL_SCHEME:
         return None
     options: dict[str, Any] = dict(parse_url(config.url))
-    return LeanConnection(options) if usable_for(options) else None
+    return LeanConnection(options, silence=config.timeout) if usable_for(options) else None
 
 
 def _make_client(config: StateConfig) -> tuple[Redis, Sentinel | None]:
@@ -254,7 +260,12 @@ def _make_client(config: StateConfig) -> tuple[Redis, Sentinel | None]:
     # redis://, rediss:// (TLS; ssl_* options in the query) and unix:// are redis-py's own
     # URL forms. The URL may tune the socket; the settings the store relies on win.
     # (No socket timeouts needed: asyncio.timeout(config.timeout) bounds every call.)
-    options: dict[str, Any] = {**parse_url(config.url), **_pinned(config)}
+    # TCP keepalive is on unless the URL turns it off, as on the lean transport.
+    options: dict[str, Any] = {
+        "socket_keepalive": True,
+        **parse_url(config.url),
+        **_pinned(config),
+    }
     pool = ConnectionPool(**options)
     _check_options(pool, config.url)
     return Redis.from_pool(pool), None
@@ -269,7 +280,34 @@ def check_url(url: str) -> None:
         options = parse_url(url)
     except ValueError as exc:
         raise ValueError(f"state.url: {exc}: {mask_url(url)}") from None
+    query = {name: values[-1] for name, values in parse_qs(urlsplit(url).query).items()}
+    try:
+        _check_pinned(query)
+        if usable_for(dict(options)):
+            check_options(set(query) - set(_PINNED), dict(options))
+    except ValueError as exc:
+        raise ValueError(f"state.url: unsupported option {exc}: {mask_url(url)}") from None
     _check_options(ConnectionPool(**options), url)
+
+
+# URL options whose value the store fixes on every transport: accepted only when they ask
+# for what the store does anyway, so that no setting in the URL is silently overridden.
+_FALSE = frozenset({"0", "f", "false", "n", "no"})  # as redis-py reads a false value
+_PINNED: dict[str, tuple[frozenset[str], str]] = {
+    "protocol": (
+        frozenset({"2"}),
+        "the store speaks RESP2 only, so that script replies have one shape everywhere",
+    ),
+    "retry_on_timeout": (_FALSE, "calls are sent at most once, never retried"),
+    "decode_responses": (_FALSE, "replies are bytes"),
+    "max_connections": (frozenset(), "set state.max_connections instead"),
+}
+
+
+def _check_pinned(query: dict[str, str]) -> None:
+    for name, (allowed, reason) in _PINNED.items():
+        if name in query and query[name].lower() not in allowed:
+            raise ValueError(f"{name}={query[name]}: {reason}")
 
 
 def _check_options(pool: ConnectionPool, url: str) -> None:
@@ -314,7 +352,12 @@ def _sentinel_client(url: SentinelURL, config: StateConfig) -> tuple[Redis, Sent
     sentinel = Sentinel(url.sentinels, sentinel_kwargs=sentinel_options)  # type: ignore[no-untyped-call]
     # The URL's userinfo authenticates to the master, as it does in a redis:// URL.
     client = sentinel.master_for(
-        url.service, db=url.db, username=url.username, password=url.password, **_pinned(config)
+        url.service,
+        db=url.db,
+        username=url.username,
+        password=url.password,
+        socket_keepalive=True,
+        **_pinned(config),
     )
     return client, sentinel
 

@@ -11,7 +11,17 @@ Concurrent calls share the connection: their commands go out in order and their 
 come back in the same order (Redis answers one connection in order), so nothing waits for
 a free connection and a busy sidecar gets pipelining for free. Replies, error replies
 included, have exactly the shapes redis-py's pipeline gives (error replies become redis-py's
-exception classes), so the store above does not know which transport it runs on.
+public exception classes, see `reply_error`), so the store above does not know which
+transport it runs on.
+
+Failures, and why each is handled so (docs/state-store.md, "Connections"):
+- a caller that gives up (its timeout, or a cancellation) leaves its batch queued: the late
+  reply is read and thrown away, so every other caller still gets its own reply. Only a
+  connection that has sent nothing for a whole `state.timeout` while owing replies is
+  aborted (a dead peer or a wedged link), and only that one;
+- a connection that fails during AUTH/SELECT, or whose caller gives up then, is aborted;
+- a READONLY reply (a master demoted behind a VIP or DNS name) retires the connection: no
+  new call goes on it, the next one dials again, and it closes once its replies are in.
 
 Used for redis:// and unix:// URLs; TLS and Sentinel URLs keep redis-py's client.
 """
@@ -20,14 +30,128 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import socket
+from collections.abc import Iterable, Mapping
 from typing import Any, cast
 
 import hiredis
-from redis._parsers import BaseParser
-from redis.exceptions import ConnectionError, DataError
+from redis.exceptions import (
+    AskError,
+    AuthenticationError,
+    AuthenticationWrongNumberOfArgsError,
+    BusyLoadingError,
+    ClusterCrossSlotError,
+    ClusterDownError,
+    ConnectionError,
+    DataError,
+    ExecAbortError,
+    MasterDownError,
+    MovedError,
+    NoPermissionError,
+    NoScriptError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 
 Command = tuple[str | bytes | int | float, ...]
 _MORE = object()  # hiredis' answer when a reply is not complete yet
+
+# -- error replies ------------------------------------------------------------------------
+
+# The classes redis-py's own parser gives each error code (redis/_parsers/base.py, which is
+# private: this is our copy of the part we rely on). The store classifies by class:
+# NoScriptError reloads scripts; ConnectionError and its subclasses (auth, LOADING),
+# ReadOnlyError, OutOfMemoryError, TryAgainError, ClusterDownError are "unavailable".
+# Codes not listed (WRONGTYPE, BUSY, ...) are a plain ResponseError with the code kept.
+_ERROR_CLASSES: dict[str, type[RedisError]] = {
+    "NOSCRIPT": NoScriptError,
+    "READONLY": ReadOnlyError,
+    "OOM": OutOfMemoryError,
+    "LOADING": BusyLoadingError,
+    "NOAUTH": AuthenticationError,
+    "WRONGPASS": AuthenticationError,
+    "NOPERM": NoPermissionError,
+    "EXECABORT": ExecAbortError,
+    "TRYAGAIN": TryAgainError,
+    "CLUSTERDOWN": ClusterDownError,
+    "MASTERDOWN": MasterDownError,
+    "CROSSSLOT": ClusterCrossSlotError,
+    "MOVED": MovedError,
+    "ASK": AskError,
+}
+# "ERR" replies are ResponseError, except these, told apart by their exact text.
+_ERR_CLASSES: dict[str, type[RedisError]] = {
+    "max number of clients reached": ConnectionError,
+    "invalid password": AuthenticationError,
+    "wrong number of arguments for 'auth' command": AuthenticationWrongNumberOfArgsError,
+    "wrong number of arguments for 'AUTH' command": AuthenticationWrongNumberOfArgsError,
+    "AUTH <password> called without any password configured for the default user. "
+    "Are you sure your configuration is correct?": AuthenticationError,
+    "Client sent AUTH, but no password is set": AuthenticationError,
+}
+
+
+def reply_error(text: str) -> RedisError:
+    """The exception for an error reply (`text` is the reply without its leading "-").
+
+    As redis-py's parser does: a known code is stripped from the message and kept as
+    `status_code`; an unknown one stays in the message. Never raises: hiredis calls this
+    while parsing, and a raise there would lose the reply and shift every later one.
+    """
+    code, _, rest = text.partition(" ")
+    if code == "ERR":
+        return _ERR_CLASSES.get(rest, ResponseError)(rest, status_code=code)
+    error_class = _ERROR_CLASSES.get(code)
+    if error_class is None:
+        return ResponseError(text)
+    try:
+        return error_class(rest, status_code=code)
+    except ValueError:  # MOVED/ASK parse "slot host:port"; a malformed one is still an error
+        return ResponseError(text)
+
+
+# -- URL options --------------------------------------------------------------------------
+
+# Query options of a redis:// or unix:// URL this transport honours (plus the userinfo and
+# the path: user, password, host, port, database, socket path).
+HONOURED_OPTIONS = frozenset(
+    {"db", "username", "password", "client_name", "socket_connect_timeout", "socket_keepalive"}
+)
+# Why the others are refused, for the config error (anything else: "not supported").
+_REFUSED_BECAUSE = {
+    "socket_timeout": "state.timeout bounds every call, and a connection silent that long "
+    "while owing replies is dropped",
+    "health_check_interval": "the store's one connection learns at once when Redis closes it "
+    "and redials on the next call, and TCP keepalive (on by default) finds a peer that "
+    "vanished; a PING before use would add a round trip to a call",
+    "socket_read_size": "reads are sized by the event loop",
+    "socket_keepalive_options": "a URL cannot carry them; the store tunes keepalive itself",
+    "retry_on_error": "calls are sent at most once, never retried",
+    "retry": "calls are sent at most once, never retried",
+}
+
+
+def check_options(names: Iterable[str], options: Mapping[str, Any]) -> None:
+    """Raise ValueError naming the first query option (of `names`) this transport would not
+    honour; `options` are the URL's, as redis-py's parse_url reads them."""
+    for name in names:
+        if name not in HONOURED_OPTIONS:
+            reason = _REFUSED_BECAUSE.get(name, "not supported on redis:// and unix:// URLs")
+            raise ValueError(f"{name}: {reason}")
+    connect_timeout = options.get("socket_connect_timeout")
+    if connect_timeout is not None and not connect_timeout > 0:
+        raise ValueError(f"socket_connect_timeout: must be > 0 seconds, not {connect_timeout:g}")
+
+
+# -- the connection -----------------------------------------------------------------------
+
+# TCP keepalive probing (where the platform has the knobs): an idle connection whose peer
+# vanished without a FIN (host down, NAT or firewall state dropped) is found within about
+# 60 + 3 * 10 s, instead of the kernel default of over two hours.
+_KEEPALIVE_TUNING = (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3))
 
 
 class _Pending:
@@ -42,20 +166,28 @@ class _Pending:
 
 
 class _RespProtocol(asyncio.Protocol):
-    def __init__(self) -> None:
-        self._reader = hiredis.Reader(replyError=BaseParser.parse_error, notEnoughData=_MORE)
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._reader = hiredis.Reader(replyError=self._error, notEnoughData=_MORE)
         self._pending: collections.deque[_Pending] = collections.deque()
         self.transport: asyncio.Transport | None = None
-        self.lost: BaseException | None = None
+        # Set once nothing more may be sent on this connection: it was lost, aborted, or
+        # retired after READONLY. Callers then fail at once and the next call redials.
+        self.failed: BaseException | None = None
+        # When bytes last came in (or the connection was made): the silence check.
+        self.heard_at = loop.time()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, only alike.
         self.transport = cast(asyncio.Transport, transport)
+        self.heard_at = self._loop.time()
 
     def send(self, payload: bytes, expected: int) -> asyncio.Future[list[Any]]:
-        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
-        if self.lost is not None or self.transport is None or self.transport.is_closing():
-            future.set_exception(ConnectionError("the connection to Redis is closed"))
+        future: asyncio.Future[list[Any]] = self._loop.create_future()
+        if self.failed is not None or self.transport is None or self.transport.is_closing():
+            future.set_exception(
+                ConnectionError(f"the connection to Redis is closed: {self.failed}")
+            )
             return future
         # Queued even if its caller later gives up (a timeout): its replies still arrive,
         # and must be consumed in order so the next batch gets its own.
@@ -64,6 +196,7 @@ class _RespProtocol(asyncio.Protocol):
         return future
 
     def data_received(self, data: bytes) -> None:
+        self.heard_at = self._loop.time()
         self._reader.feed(data)
         while (reply := self._reader.gets()) is not _MORE:
             head = self._pending[0]
@@ -72,27 +205,66 @@ class _RespProtocol(asyncio.Protocol):
                 self._pending.popleft()
                 if not head.future.done():
                     head.future.set_result(head.replies)
+        if self.failed is not None and not self._pending and self.transport is not None:
+            self.transport.close()  # retired (READONLY) and every reply it owed is in
+
+    def _error(self, text: str) -> RedisError:
+        error = reply_error(text)
+        if isinstance(error, ReadOnlyError) and self.failed is None:
+            # The server behind this connection is a replica now (a demoted master behind
+            # a VIP or DNS name): dialling again may reach the new master. Calls already
+            # queued here still get their replies.
+            self.failed = ConnectionError("Redis answered READONLY (now a replica)")
+        return error
+
+    def give_up(self, silence: float) -> None:
+        """A caller stopped waiting for its reply (timeout or cancellation).
+
+        Its batch stays queued, so that alone breaks nothing. But a connection that has
+        received nothing for `silence` seconds while owing replies is dead or wedged:
+        abort it (abort, not close: close would wait to flush to a peer that is gone), so
+        the callers queued on it fail now and the next call dials again.
+        """
+        if self._pending and self._loop.time() - self.heard_at >= silence:
+            self.abort(f"Redis sent nothing for {silence:g} s while replies were owed")
+
+    def abort(self, reason: str) -> None:
+        if self.failed is None:
+            self.failed = ConnectionError(reason)
+        if self.transport is not None:
+            self.transport.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = exc or ConnectionError("Redis closed the connection")
+        if self.failed is None:
+            self.failed = exc or ConnectionError("Redis closed the connection")
         while self._pending:
             future = self._pending.popleft().future
             if not future.done():
-                future.set_exception(ConnectionError(f"connection to Redis lost: {self.lost}"))
+                future.set_exception(ConnectionError(f"connection to Redis lost: {self.failed}"))
 
     def close(self) -> None:
+        if self.failed is None:
+            self.failed = ConnectionError("the store closed the connection")
         if self.transport is not None:
             self.transport.close()
 
 
 class LeanConnection:
-    """The store's connection to one Redis: dialled lazily, redialled after a failure."""
+    """The store's connection to one Redis: dialled lazily, redialled after a failure.
 
-    def __init__(self, options: dict[str, Any]) -> None:
+    `silence`: how long a connection may owe replies without sending a byte before a
+    caller that gives up aborts it (the store passes `state.timeout`).
+    """
+
+    def __init__(self, options: dict[str, Any], silence: float) -> None:
         self._host = options.get("host", "localhost")
         self._port = int(options.get("port", 6379))
         self._path: str | None = options.get("path")
         self._handshake = _handshake(options)
+        self._connect_timeout: float | None = options.get("socket_connect_timeout")
+        # On unless the URL says socket_keepalive=false (parse_url gives None for "").
+        self._keepalive = options.get("socket_keepalive") is not False
+        self._silence = silence
         self._protocol: _RespProtocol | None = None
         self._dialling: asyncio.Lock | None = None
 
@@ -103,43 +275,86 @@ class LeanConnection:
         except TypeError as exc:
             raise DataError(str(exc)) from None  # a bool or None argument: a caller bug
         protocol = await self._connected()
-        return await protocol.send(payload, len(commands))
+        replies = protocol.send(payload, len(commands))
+        try:
+            return await replies
+        except asyncio.CancelledError:
+            protocol.give_up(self._silence)  # the connection this caller used, no other
+            raise
 
-    def reset(self) -> None:
-        """Drop the connection (after a timeout it may be wedged); the next call redials."""
+    async def close(self) -> None:
         if self._protocol is not None:
             self._protocol.close()
             self._protocol = None
 
-    async def close(self) -> None:
-        self.reset()
-
     async def _connected(self) -> _RespProtocol:
         protocol = self._protocol
-        if protocol is not None and protocol.lost is None:
+        if protocol is not None and protocol.failed is None:
             return protocol
         if self._dialling is None:
             self._dialling = asyncio.Lock()
         async with self._dialling:  # one dial for all the callers that found it down
-            if self._protocol is None or self._protocol.lost is not None:
-                self._protocol = await self._dial()
-            return self._protocol
+            protocol = self._protocol
+            if protocol is None or protocol.failed is not None:
+                self._protocol = None  # a dial that fails leaves no broken connection behind
+                protocol = self._protocol = await self._dial()
+            return protocol
 
     async def _dial(self) -> _RespProtocol:
+        """A connection that has passed AUTH/SELECT, within socket_connect_timeout if set."""
+        bound = asyncio.timeout(self._connect_timeout)
+        try:
+            async with bound:
+                protocol = await self._open()
+                try:
+                    await self._set_up(protocol)
+                except BaseException:
+                    # Failed, timed out or cancelled half-way: never leave it open.
+                    protocol.abort("the connection setup did not complete")
+                    raise
+                return protocol
+        except TimeoutError:
+            if not bound.expired():
+                raise
+            raise ConnectionError(
+                f"no connection to Redis within socket_connect_timeout={self._connect_timeout:g}s"
+            ) from None
+
+    async def _open(self) -> _RespProtocol:
         loop = asyncio.get_running_loop()
+
+        def factory() -> _RespProtocol:
+            return _RespProtocol(loop)
+
         if self._path is not None:
-            _, protocol = await loop.create_unix_connection(_RespProtocol, self._path)
-        else:
-            _, protocol = await loop.create_connection(_RespProtocol, self._host, self._port)
-        if self._handshake:
-            replies = await protocol.send(
-                b"".join(_pack(c) for c in self._handshake), len(self._handshake)
-            )
-            failed = next((r for r in replies if isinstance(r, Exception)), None)
-            if failed is not None:
-                protocol.close()
-                raise ConnectionError(f"Redis refused the connection setup: {failed}")
+            _, protocol = await loop.create_unix_connection(factory, self._path)
+            return protocol
+        transport, protocol = await loop.create_connection(factory, self._host, self._port)
+        if self._keepalive:
+            _keep_alive(transport)
         return protocol
+
+    async def _set_up(self, protocol: _RespProtocol) -> None:
+        if not self._handshake:
+            return
+        replies = await protocol.send(
+            b"".join(_pack(c) for c in self._handshake), len(self._handshake)
+        )
+        for command, reply in zip(self._handshake, replies, strict=True):
+            if isinstance(reply, Exception):
+                # The command's name only: AUTH's arguments hold the password.
+                raise ConnectionError(f"Redis refused {command[0]!s} on connecting: {reply}")
+
+
+def _keep_alive(transport: asyncio.BaseTransport) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in _KEEPALIVE_TUNING:
+        option = getattr(socket, name, None)
+        if option is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, option, value)
 
 
 def _pack(command: Command) -> bytes:
@@ -149,7 +364,7 @@ def _pack(command: Command) -> bytes:
 
 
 def _handshake(options: dict[str, Any]) -> list[Command]:
-    """AUTH and SELECT, sent before anything else on a new connection."""
+    """AUTH, SELECT and CLIENT SETNAME, sent before anything else on a new connection."""
     commands: list[Command] = []
     password = options.get("password")
     if password is not None:

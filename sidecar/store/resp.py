@@ -154,6 +154,12 @@ def check_options(names: Iterable[str], options: Mapping[str, Any]) -> None:
 _KEEPALIVE_TUNING = (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3))
 
 
+# A caller's timeout starts a moment before its connection is dialled or its batch sent
+# (packing, taking a slot): a connection silent for all but that moment of a whole timeout
+# counts as silent for it.
+_SILENT_SHARE = 0.95
+
+
 class _Pending:
     """One batch waiting for its replies."""
 
@@ -166,7 +172,7 @@ class _Pending:
 
 
 class _RespProtocol(asyncio.Protocol):
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, dialled_at: float) -> None:
         self._loop = loop
         self._reader = hiredis.Reader(replyError=self._error, notEnoughData=_MORE)
         self._pending: collections.deque[_Pending] = collections.deque()
@@ -174,13 +180,14 @@ class _RespProtocol(asyncio.Protocol):
         # Set once nothing more may be sent on this connection: it was lost, aborted, or
         # retired after READONLY. Callers then fail at once and the next call redials.
         self.failed: BaseException | None = None
-        # When bytes last came in (or the connection was made): the silence check.
-        self.heard_at = loop.time()
+        # When bytes last came in, for the silence check; to begin with, when the dial
+        # started: a connect is a request too, and a fresh connection that never answers
+        # is as dead as an old one gone quiet.
+        self.heard_at = dialled_at
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, only alike.
         self.transport = cast(asyncio.Transport, transport)
-        self.heard_at = self._loop.time()
 
     def send(self, payload: bytes, expected: int) -> asyncio.Future[list[Any]]:
         future: asyncio.Future[list[Any]] = self._loop.create_future()
@@ -225,7 +232,7 @@ class _RespProtocol(asyncio.Protocol):
         abort it (abort, not close: close would wait to flush to a peer that is gone), so
         the callers queued on it fail now and the next call dials again.
         """
-        if self._pending and self._loop.time() - self.heard_at >= silence:
+        if self._pending and self._loop.time() - self.heard_at >= silence * _SILENT_SHARE:
             self.abort(f"Redis sent nothing for {silence:g} s while replies were owed")
 
     def abort(self, reason: str) -> None:
@@ -323,8 +330,10 @@ class LeanConnection:
     async def _open(self) -> _RespProtocol:
         loop = asyncio.get_running_loop()
 
+        dialled_at = loop.time()
+
         def factory() -> _RespProtocol:
-            return _RespProtocol(loop)
+            return _RespProtocol(loop, dialled_at)
 
         if self._path is not None:
             _, protocol = await loop.create_unix_connection(factory, self._path)

@@ -253,6 +253,24 @@ async def test_a_connection_silent_for_a_whole_timeout_is_dropped_and_redialled(
     assert len(named(raw_redis, "silent")) == 1
 
 
+async def test_a_fresh_connection_that_never_answers_is_dropped_by_its_first_caller(
+    redis_stores: OpenStore, redis_server: RedisServer, redis_url: str,
+    fault_proxy: Callable[[int], FaultProxy],
+) -> None:  # fmt: skip
+    """The first call's timeout began a moment before its dial: its connection has been
+    silent for all of that timeout that it existed, which is silent enough."""
+    proxy = await fault_proxy(redis_server.port).start()
+    store, _ = redis_stores(url=proxy.redis_url(), timeout=0.2)
+    proxy.drop_replies()  # requests reach Redis; no reply ever comes back
+    assert (await expect_error(store.ping())).kind == "timeout"
+    assert proxy.connections == 1
+    assert (await expect_error(store.ping())).kind == "timeout"
+    assert proxy.connections == 2  # the second call did not queue on the dead connection
+    proxy.resume()  # closes the connections that lost a reply: the store has let go of them
+    assert await store.ping() > 0
+    assert proxy.connections == 3
+
+
 # -- (d) a restart ------------------------------------------------------------------------
 
 

@@ -104,8 +104,9 @@ sidecar demo: an echo app on 127.0.0.1:{app_port}, the sidecar in front of it on
 Try:
   curl -i {base}/hello?x=1
   curl -i -X POST {base}/orders -H 'Content-Type: application/json' -d '{{"amount": 42}}'
-  curl -i -X POST {base}/orders -H 'Idempotency-Key: order-1' -d '{{"amount": 42}}'  # twice:
-                                              # the second is a replay (Idempotent-Replayed)
+  curl -i -X POST {base}/orders -H 'Idempotency-Key: order-1' -H 'X-Org-Id: demo' \\
+       -d '{{"amount": 42}}'                  # twice: the second is a replay
+                                              # (Idempotent-Replayed: true)
   curl -N {base}/stream                       # server-sent events, streamed
   curl -s {admin}/health | python3 -m json.tool
   curl -s {admin}/metrics | grep sidecar_requests_total

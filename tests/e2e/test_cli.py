@@ -126,7 +126,8 @@ async def test_demo_serves_the_echo_app_through_the_sidecar() -> None:
                 async with session.post(
                     f"http://127.0.0.1:{port}/orders",
                     data=b"{}",
-                    headers={"Idempotency-Key": "demo-1"},
+                    # A key is scoped to its caller: an identity header, or credentials.
+                    headers={"Idempotency-Key": "demo-1", "X-Org-Id": "demo"},
                 ) as reply:
                     replies.append((reply.headers["Idempotent-Replayed"], await reply.read()))
         assert [flag for flag, _ in replies] == ["false", "true"]

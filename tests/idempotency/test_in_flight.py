@@ -76,7 +76,8 @@ async def test_with_wait_the_second_request_gets_the_first_ones_response(
         assert (one.status, one.replayed) == (201, "false")
         assert (two.status, two.replayed) == (201, "true")
         assert two.body == one.body
-        assert "Idempotency-Expires" not in one.headers  # the first answer leaves before its record is stored
+        # The first answer leaves before its record is stored; the replay reads it.
+        assert "Idempotency-Expires" not in one.headers
         assert "Idempotency-Expires" in two.headers
         assert env.upstream.executions == 1
         assert await env.outcomes() == {"claimed": 1, "replayed": 1}

@@ -170,6 +170,8 @@ def _decode_begin(reply: object) -> Found:
         return Found(state, token=_text(reply[1]))
     if state == "foreign":
         raise BadRecord("foreign_record", f"idempotency record of layout {reply[1]!r}")
+    if state == "malformed":
+        raise BadRecord("malformed_record", f"idempotency record in state {reply[1]!r}")
     same = reply[1] == 1
     if state == "in_progress":
         return Found(state, same, lease_left_ms=_number(reply[2]))
@@ -240,13 +242,15 @@ def _arg(value: ScriptArg) -> bytes:
     return str(value).encode()
 
 
+_INTEGER = re.compile(rb"-?[0-9]+")
+
+
 def _int_field(ks: MemoryKeyspace, key: str, name: str) -> int | None:
-    """tonumber(HGET ...) or false: None for a missing or non-numeric field."""
+    """The Lua's integer(field): None for a missing field or one not a plain integer."""
     value = ks.hget(key, name)
-    try:
-        return int(value) if value is not None else None
-    except ValueError:
+    if value is None or not _INTEGER.fullmatch(value):
         return None
+    return int(value)
 
 
 def _begin(ks: MemoryKeyspace, keys: Sequence[str], args: Sequence[ScriptArg]) -> object:
@@ -258,12 +262,14 @@ def _begin(ks: MemoryKeyspace, keys: Sequence[str], args: Sequence[ScriptArg]) -
         ks.hset(key, {"s": b"p", "t": token, "f": print_, "v": version})
         ks.pexpire(key, lease)
         return [b"claimed", token]
-    stored_version = ks.hget(key, "v")
-    if stored_version is not None and stored_version != version:
+    stored_version = ks.hget(key, "v") or b"1"
+    if stored_version != version:
         return [b"foreign", stored_version]
     same = 1 if ks.hget(key, "f") == print_ else 0
     if state == b"p":
         return [b"in_progress", same, ks.pttl(key)]
+    if state not in (b"c", b"n"):
+        return [b"malformed", state]
     status = _int_field(ks, key, "c")
     expires = _int_field(ks, key, "e")
     if state == b"c":

@@ -13,6 +13,7 @@
 --   {"completed", same, status, headers, body, e}    replayable
 --   {"not_replayable", same, status, e}              ran, but its response was not kept
 --   {"foreign", version}                             a layout this caller cannot read
+--   {"malformed", state}                             a state no layout has
 -- where `same` is 1 when the fingerprints match, else 0.
 local state = redis.call('HGET', KEYS[1], 's')
 if not state then
@@ -22,8 +23,8 @@ if not state then
   redis.call('PEXPIRE', KEYS[1], ARGV[3])
   return {'claimed', token}
 end
-local version = redis.call('HGET', KEYS[1], 'v')
-if version and version ~= ARGV[4] then
+local version = redis.call('HGET', KEYS[1], 'v') or '1'
+if version ~= ARGV[4] then
   return {'foreign', version}
 end
 local same = 0
@@ -33,10 +34,20 @@ end
 if state == 'p' then
   return {'in_progress', same, redis.call('PTTL', KEYS[1])}
 end
--- Missing or garbled fields come back as false (not nil, which would cut the reply short),
--- so the caller sees a malformed record rather than a shorter one.
-local status = tonumber(redis.call('HGET', KEYS[1], 'c')) or false
-local expires = tonumber(redis.call('HGET', KEYS[1], 'e')) or false
+if state ~= 'c' and state ~= 'n' then
+  return {'malformed', state}
+end
+-- A field that is not a plain integer comes back as false (not nil, which would cut the
+-- reply short), so the caller sees a malformed record rather than a shorter one.
+local function integer(field)
+  local value = redis.call('HGET', KEYS[1], field)
+  if value and string.match(value, '^%-?%d+$') then
+    return tonumber(value)
+  end
+  return false
+end
+local status = integer('c')
+local expires = integer('e')
 if state == 'c' then
   return {'completed', same, status, redis.call('HGET', KEYS[1], 'h'),
           redis.call('HGET', KEYS[1], 'b'), expires}

@@ -4,8 +4,8 @@ the sidecar reports: sidecar_idempotency_total outcomes and idempotency.* log ev
 from __future__ import annotations
 
 import asyncio
-import time
 import re
+import time
 from email.utils import parsedate_to_datetime
 
 import orjson

@@ -345,7 +345,9 @@ async def test_every_spelling_of_a_path_gets_its_routes_policies(
             refused, refused_record = await send(sc, "POST", target)
             assert raw_upstream.exchanges == []
             # With one, the request goes through, byte for byte as the client wrote it.
-            passed, passed_record = await send(sc, "POST", target, Idempotency_Key="k-1")
+            passed, passed_record = await send(
+                sc, "POST", target, Idempotency_Key="k-1", X_Org_Id="acme"
+            )
     assert refused.status == 400
     assert refused.json()["type"] == "urn:sidecar:problem:idempotency-key-missing"
     assert refused_record["route"] == "orders"

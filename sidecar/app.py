@@ -35,6 +35,7 @@ from sidecar.handler import (
     answer_unrouted,
     protected_headers,
 )
+from sidecar.identity import IdentityResolver
 from sidecar.logs import AccessLog, IdentityHasher, LogSink, route_library_logs
 from sidecar.metrics import Metrics
 from sidecar.policies import PolicyDeps, PolicyState, build_policies, tracing
@@ -122,6 +123,7 @@ class Sidecar:
             spans=self.spans,
             background=self.background,
             state=self.policy_state,
+            identity=IdentityResolver(config.identity),
         )
         compiled = []
         for route in config.routes:

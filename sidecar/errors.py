@@ -76,6 +76,23 @@ IDEMPOTENCY_NOT_ACCEPTABLE = Problem(
     406,
     "The stored response's content coding is not acceptable to this request",
 )
+IDENTITY_INVALID = Problem(
+    "identity-invalid", 401, "The request's identity token could not be verified"
+)
+ORGANISATION_UNKNOWN = Problem(
+    "organisation-unknown", 401, "This route needs to know the caller's organisation"
+)
+QUOTA_EXCEEDED = Problem("quota-exceeded", 429, "A rate limit or quota is exhausted")
+QUOTA_IN_FLIGHT = Problem(
+    "too-many-in-flight", 429, "Too many requests of this organisation are under way"
+)
+QUOTA_COST_INVALID = Problem(
+    "quota-cost-invalid", 400, "The request's cost header is not an allowed number"
+)
+# The IETF rate-limit draft's problem type for a limiter that cannot decide.
+QUOTA_UNAVAILABLE = Problem(
+    "temporary-reduced-capacity", 503, "Limits cannot be checked right now; retry later"
+)
 
 CATALOGUE: tuple[Problem, ...] = (
     BAD_REQUEST,
@@ -100,6 +117,12 @@ CATALOGUE: tuple[Problem, ...] = (
     IDEMPOTENCY_UNAVAILABLE,
     IDEMPOTENCY_CALLER_UNKNOWN,
     IDEMPOTENCY_NOT_ACCEPTABLE,
+    IDENTITY_INVALID,
+    ORGANISATION_UNKNOWN,
+    QUOTA_EXCEEDED,
+    QUOTA_IN_FLIGHT,
+    QUOTA_COST_INVALID,
+    QUOTA_UNAVAILABLE,
 )
 
 

@@ -134,6 +134,49 @@ class Metrics:
             ["route"],
             registry=r,
         )
+        self.ratelimit_decisions = Counter(
+            "sidecar_ratelimit_decisions",
+            "Rate-limit and quota decisions, by route, limit and decision (allowed, denied, "
+            "shadow_denied: a shadow limit that would have refused).",
+            ["route", "limit", "decision"],
+            registry=r,
+        )
+        self.ratelimit_near_limit = Counter(
+            "sidecar_ratelimit_near_limit",
+            "Admitted requests that took an organisation's usage of a limit across its "
+            "near_limit_ratio, by route and limit.",
+            ["route", "limit"],
+            registry=r,
+        )
+        self.ratelimit_store_fallbacks = Counter(
+            "sidecar_ratelimit_store_fallbacks",
+            "Requests decided without the state store (it failed or is being skipped after "
+            "a failure), by route and action (local, open, closed).",
+            ["route", "action"],
+            registry=r,
+        )
+        self.ratelimit_degraded = Gauge(
+            "sidecar_ratelimit_degraded",
+            "1 while a route's limits run without the state store (on_store_error), else 0.",
+            ["route"],
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.ratelimit_refunds = Counter(
+            "sidecar_ratelimit_refunds",
+            "Charges given back, by route and result (queued: a request that did not count; "
+            "dropped: the store did not take the refund in time).",
+            ["route", "result"],
+            registry=r,
+        )
+        self.quota_usage_ratio = Gauge(
+            "sidecar_quota_usage_ratio",
+            "Share of a limit used, as of the organisation's last request on this replica; "
+            "only for the organisations a route lists in report_orgs.",
+            ["route", "limit", "org"],
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
         self.spans_exported = Counter(
             "sidecar_spans_exported",
             "Spans accepted by the OTLP collector.",

@@ -79,10 +79,19 @@ REFERENCE: dict[str, Mapping[str, Any]] = {
     "tracing": loader.TRACING,
     "routes": loader.ROUTE,
     "idempotency": loader.IDEMPOTENCY,
+    "quotas": loader.QUOTAS,
+    "limits": loader.LIMIT,
+    "cost": loader.COST,
     "match": loader.MATCH,
 }
 # Keys of a table that are documented as one row there and in a heading of their own.
-OWN_HEADING = {("routes", "idempotency"): "idempotency", ("routes", "match"): "match"}
+OWN_HEADING = {
+    ("routes", "idempotency"): "idempotency",
+    ("routes", "quotas"): "quotas",
+    ("quotas", "limits"): "limits",
+    ("limits", "cost"): "cost",
+    ("routes", "match"): "match",
+}
 
 
 def schema_keys(heading: str, schema: Mapping[str, Any], prefix: str = "") -> Iterator[str]:

@@ -13,15 +13,22 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from sidecar.config.issues import DOCUMENT, ConfigError, ConfigIssue, IssueLog, join
+from sidecar.config.jwt import jwt_section
 from sidecar.config.model import (
+    QUOTA_PERIODS,
     AccessLogConfig,
     Address,
+    CostConfig,
     IdempotencyConfig,
     IdentityConfig,
+    LimitConfig,
     LoggingConfig,
+    QuotaConfig,
     RouteConfig,
     RouteMatch,
     RouteTracing,
@@ -57,6 +64,7 @@ from sidecar.config.schema import (
     text,
     unknown_key,
 )
+from sidecar.config.units import UnitError, parse_duration
 from sidecar.config.values import (
     ADDRESS_EXPECTED,
     UpstreamTarget,
@@ -173,6 +181,7 @@ STATE: Schema = {
 IDENTITY: Schema = {
     "org_header": _header_name,
     "user_header": _header_name,
+    "jwt": optional(jwt_section),
 }
 
 
@@ -346,6 +355,205 @@ IDEMPOTENCY: Schema = {
 }
 
 
+# --- quotas -----------------------------------------------------------------------------------
+
+# Rate windows run from a second to a day; longer plans are calendar quotas (1d, 1w, 1mo).
+_RATE_WINDOW_MAX = 86400.0
+_LIMIT_KINDS = ("rate", "quota")
+
+
+def _time_zone(text: str) -> str:
+    try:
+        ZoneInfo(text)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(
+            f"unknown time zone {text!r}; expected an IANA name like Europe/Berlin or UTC"
+        ) from None
+    return text
+
+
+_zone = text(_time_zone, "an IANA time zone like Europe/Berlin")
+
+
+def _cost(node: RawNode, path: str, log: IssueLog) -> CostConfig:
+    if isinstance(node, RawScalar):
+        return CostConfig(amount=integer(0)(node, path, log))
+    values = read_fields(
+        mapping_of(node, "a number, or {header: X-Cost, default: 1, min: 0, max: 100}"),
+        path,
+        log,
+        COST,
+    )
+    cost = CostConfig(
+        amount=values.get("default", 1),
+        header=values.get("header"),
+        minimum=values.get("min", 0),
+        maximum=values.get("max", 1000),
+    )
+    if cost.minimum > cost.maximum:
+        raise Invalid(f"min ({cost.minimum}) is larger than max ({cost.maximum})")
+    if not cost.minimum <= cost.amount <= cost.maximum:
+        raise Invalid(f"default ({cost.amount}) must lie within min and max")
+    return cost
+
+
+COST: Schema = {
+    "header": _header_name,
+    "default": integer(0),
+    "min": integer(0),
+    "max": integer(0),
+}
+
+LIMIT: Schema = {
+    "name": text(parse_route_name, "a limit name like orders_per_day"),
+    "kind": choice(_LIMIT_KINDS),
+    "limit": integer(0),
+    "window": text(str, "a window like 1s, 1h (rate) or 1d, 1w, 1mo (quota)"),
+    "burst": integer(1),
+    "timezone": _zone,
+    "cost": _cost,
+    "scope": choice(("org", "org_user", "route")),
+    "shadow": boolean,
+    "count": choice(("all", "success")),
+    "refund_statuses": _statuses,
+}
+
+
+def _limit(node: RawNode, path: str, log: IssueLog) -> LimitConfig:
+    mapping = mapping_of(node, "a limit like {name: burst, kind: rate, limit: 20, window: 1s}")
+    values = read_fields(mapping, path, log, LIMIT)
+    missing = [key for key in ("name", "kind", "limit", "window") if key not in mapping.entries]
+    for key in missing:
+        log.add(mapping.line, path, f"missing required key '{key}'")
+    if missing or len(values) != len(mapping.entries):
+        raise Invalid()
+    window_text = values.pop("window")
+    window_line = entry_line(mapping, "window")
+    if values["kind"] == "quota":
+        period = QUOTA_PERIODS.get(window_text)
+        if period is None:
+            log.add(
+                window_line,
+                join(path, "window"),
+                f"a quota's window is a calendar period: 1d, 1w or 1mo, got {window_text!r}"
+                " (rolling windows are kind: rate)",
+            )
+            raise Invalid()
+        if "burst" in values:
+            log.add(
+                entry_line(mapping, "burst"), join(path, "burst"), "only a rate limit has a burst"
+            )
+            raise Invalid()
+        nominal = {"day": 86400.0, "week": 7 * 86400.0, "month": 30 * 86400.0}[period]
+        return LimitConfig(**values, window=nominal, period=period, line=mapping.line)
+    window = _rate_window(window_text, window_line, join(path, "window"), log)
+    if "timezone" in values:
+        log.add(
+            entry_line(mapping, "timezone"),
+            join(path, "timezone"),
+            "only a calendar quota (kind: quota) has a time zone; a rate window rolls",
+        )
+        raise Invalid()
+    return LimitConfig(**values, window=window, line=mapping.line)
+
+
+def _rate_window(window_text: str, line: int, path: str, log: IssueLog) -> float:
+    try:
+        window = parse_duration(window_text)
+    except UnitError as error:
+        log.add(line, path, f"expected {error.expected}, got {window_text!r}")
+        raise Invalid() from None
+    if not 0.001 <= window <= _RATE_WINDOW_MAX:
+        log.add(
+            line,
+            path,
+            f"a rate window runs from 1ms to 1d, got {window_text!r}"
+            " (for longer plans use kind: quota with 1d, 1w or 1mo)",
+        )
+        raise Invalid()
+    return window
+
+
+_limits = list_of(_limit, "a list of limits like [{name: burst, kind: rate, ...}]")
+
+
+def _override_values(node: RawNode, path: str, log: IssueLog) -> MappingProxyType[str, int]:
+    mapping = mapping_of(node, "a mapping of limit names to limits like {orders_per_day: 5000}")
+    values = {}
+    for name, entry in mapping.entries.items():
+        value = convert(integer(0), entry.value, join(path, name), log)
+        if not isinstance(value, Missing):
+            values[name] = value
+    return MappingProxyType(values)
+
+
+def _per_org(item: Converter[Any], expected: str) -> Converter[MappingProxyType[str, Any]]:
+    def convert_per_org(node: RawNode, path: str, log: IssueLog) -> MappingProxyType[str, Any]:
+        mapping = mapping_of(node, expected)
+        values = {}
+        for org, entry in mapping.entries.items():
+            value = convert(item, entry.value, join(path, org), log)
+            if not isinstance(value, Missing):
+                values[org] = value
+        return MappingProxyType(values)
+
+    return convert_per_org
+
+
+def _quotas(**values: Any) -> QuotaConfig | None:
+    if not values.pop("enabled", True):
+        return None
+    return QuotaConfig(**values)
+
+
+def _check_quotas(config: QuotaConfig | None, node: RawMap, path: str, log: IssueLog) -> None:
+    if config is None:
+        return
+    if not config.limits and "limits" not in node.entries:
+        log.add(node.line, path, "missing required key 'limits' (or set enabled: false)")
+    names: dict[str, int] = {}
+    for limit in config.limits:
+        if limit.name in names:
+            message = f"limit '{limit.name}' is already defined at line {names[limit.name]}"
+            log.add(limit.line, join(path, "limits"), message)
+        names.setdefault(limit.name, limit.line)
+    overrides = node.entries.get("overrides")
+    limits = node.entries.get("limits")
+    if overrides is None or not isinstance(overrides.value, RawMap):
+        return
+    if limits is None or not isinstance(limits.value, RawSeq):
+        return
+    if len(limits.value.items) != len(config.limits):
+        return  # a limit failed to load: its name would be reported as unknown too
+    for org, entry in overrides.value.entries.items():
+        if not isinstance(entry.value, RawMap):
+            continue
+        for name, item in entry.value.entries.items():
+            if name not in names:
+                log.add(
+                    item.key_line,
+                    join(join(join(path, "overrides"), org), name),
+                    unknown_key(name, names).replace("unknown key", "unknown limit"),
+                )
+
+
+QUOTAS: Schema = {
+    "enabled": boolean,
+    "limits": _limits,
+    "overrides": _per_org(_override_values, "a mapping of orgs like {org-123: {...}}"),
+    "timezones": _per_org(_zone, "a mapping of orgs to time zones like {org-9: Asia/Tokyo}"),
+    "anonymous": choice(("reject", "limit")),
+    "on_store_error": choice(("local", "open", "closed")),
+    "replicas": integer(minimum=1),
+    "max_in_flight": optional(integer(minimum=1)),
+    "draft_headers": boolean,
+    "legacy_headers": boolean,
+    "near_limit_ratio": fraction,
+    "report_orgs": list_of(text(_non_empty, "an organisation id"), "a list of organisation ids"),
+    "namespace": optional(text(parse_route_name, "a name like orders, or null")),
+}
+
+
 # Route-level settings other than name and match. `defaults:` accepts exactly these, and
 # merges them into every route. A new per-route policy section (say `idempotency:`) is one
 # entry here, e.g. `"idempotency": section(IdempotencyConfig, IDEMPOTENCY)`, plus its field on
@@ -359,6 +567,7 @@ ROUTE_POLICIES: Schema = {
     "min_upload_rate": size(),
     "tracing": section(RouteTracing, ROUTE_TRACING),
     "idempotency": section(_idempotency, IDEMPOTENCY, _check_idempotency),
+    "quotas": section(_quotas, QUOTAS, _check_quotas),
 }
 
 ROUTE: Schema = {

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -87,9 +89,35 @@ class StateConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class JwtConfig:
+    """Organisation and user from a verified JWT's claims instead of the identity headers."""
+
+    # Where the token is; a "Bearer " scheme in front of it is taken off.
+    header: str = "authorization"
+    algorithms: tuple[str, ...] = ("RS256",)
+    # Exactly one source of keys (unless verify is false): a PEM public key (RS*/ES*/PS*),
+    # a JWKS file (keys picked by `kid`), or a shared secret (HS*).
+    key_file: str | None = None
+    jwks_file: str | None = None
+    secret: str | None = None
+    org_claim: str = "org_id"
+    user_claim: str = "sub"
+    # Checked when set: the token's `iss` must equal it, its `aud` must contain it.
+    issuer: str | None = None
+    audience: str | None = None
+    # Clock skew allowed on exp/nbf/iat (Envoy's jwt_authn default).
+    leeway: float = 60.0
+    # false takes claims from unverified tokens (must be explicit; warned about at start).
+    verify: bool = True
+    # The verification keys, read and parsed at load (not part of the config's identity).
+    keys: object = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
 class IdentityConfig:
     org_header: str = "x-org-id"
     user_header: str = "x-user-id"
+    jwt: JwtConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,6 +243,76 @@ class IdempotencyConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class CostConfig:
+    """What one request spends of each limit: `amount`, or a header's value within bounds."""
+
+    amount: int = 1
+    header: str | None = None
+    minimum: int = 0
+    maximum: int = 1000
+
+
+# Quota periods: the calendar unit of a `window: 1d | 1w | 1mo` quota.
+QUOTA_PERIODS = {"1d": "day", "1w": "week", "1mo": "month"}
+
+
+@dataclass(frozen=True, slots=True)
+class LimitConfig:
+    """One rate limit (rolling, GCRA) or quota (a calendar period in a time zone)."""
+
+    name: str
+    kind: str  # "rate" or "quota"
+    limit: int
+    # rate: the window in seconds. quota: the period's nominal length (1d = 86400).
+    window: float
+    # quota: "day", "week" (from Monday) or "month"; None for a rate limit.
+    period: str | None = None
+    # rate: requests that may be spent at once (None: the whole limit).
+    burst: int | None = None
+    # quota: the zone whose midnight ends a period (overridable per org).
+    timezone: str = "UTC"
+    cost: CostConfig = CostConfig()
+    # "org", "org_user" (each user of an org on its own) or "route" (one for everybody).
+    scope: str = "org"
+    # Counted, reported and logged, never enforced.
+    shadow: bool = False
+    # "all": every admitted request that reached the app counts; "success": those whose
+    # answer is in refund_statuses (default: every 5xx) or that broke off are refunded.
+    count: str = "all"
+    refund_statuses: frozenset[int] | None = None
+    line: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaConfig:
+    """Per-organisation rate limits and quotas on a route."""
+
+    limits: tuple[LimitConfig, ...] = ()
+    # org -> limit name -> limit, over the configured ones (the admin API's win over these).
+    overrides: Mapping[str, Mapping[str, int]] = field(default_factory=lambda: MappingProxyType({}))
+    # org -> time zone of its calendar quotas (over each limit's `timezone`).
+    timezones: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    # A request without an organisation: "reject" (401) or "limit" (one `anonymous`
+    # bucket per client address).
+    anonymous: str = "reject"
+    # "local": an in-process limiter at limit / replicas; "open": let through; "closed": 503.
+    on_store_error: str = "local"
+    replicas: int = 1
+    # Requests of one organisation in flight at once on this route, per process (None: no cap).
+    max_in_flight: int | None = None
+    # RateLimit-Policy and RateLimit (the IETF draft), X-RateLimit-* (the de-facto trio).
+    draft_headers: bool = True
+    legacy_headers: bool = False
+    # Usage crossing this share of a limit is counted and logged (near_limit).
+    near_limit_ratio: float = 0.8
+    # Organisations whose usage is exported as a gauge (labels stay bounded).
+    report_orgs: tuple[str, ...] = ()
+    # Counters are kept under this name (the route's when None): routes sharing a
+    # namespace share the counters of their same-named limits.
+    namespace: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class RouteConfig:
     name: str
     match: RouteMatch
@@ -233,6 +331,7 @@ class RouteConfig:
     min_upload_rate: int = 1024
     tracing: RouteTracing = RouteTracing()
     idempotency: IdempotencyConfig | None = None
+    quotas: QuotaConfig | None = None
     # The YAML line the route starts on, for messages.
     line: int = 0
 

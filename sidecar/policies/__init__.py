@@ -11,14 +11,22 @@ from sidecar.chain import Policy
 from sidecar.config import RouteConfig
 from sidecar.policies import body_limit, idempotency, tracing
 from sidecar.policies.base import PolicyDeps, PolicyFactory, PolicyState
+from sidecar.policies.quota import policy as quota
 
 __all__ = ["CHAIN_ORDER", "PolicyDeps", "PolicyFactory", "PolicyState", "build_policies"]
 
 # Outermost first. Tracing wraps everything so every answer, the sidecar's own included,
 # carries the trace headers; the body limit refuses oversized bodies before any policy
-# spends a store round trip on them; idempotency answers replays, conflicts and mismatches
-# before anything is charged. Quota/breaker admission and retries go after it.
-CHAIN_ORDER: tuple[PolicyFactory, ...] = (tracing.build, body_limit.build, idempotency.build)
+# spends a store round trip on them; quotas refuse before the body is read (idempotency
+# reads it to fingerprint it), so a refused client never uploads it; a replay or another
+# answer of idempotency's that never reaches the app is refunded by the quota policy once
+# the response is sent. Breaker admission and retries go after idempotency.
+CHAIN_ORDER: tuple[PolicyFactory, ...] = (
+    tracing.build,
+    body_limit.build,
+    quota.build,
+    idempotency.build,
+)
 
 
 def build_policies(route: RouteConfig, deps: PolicyDeps) -> list[Policy]:

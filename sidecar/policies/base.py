@@ -9,6 +9,7 @@ from typing import TypeVar, cast
 from sidecar.background import BackgroundTasks
 from sidecar.chain import Policy
 from sidecar.config import RouteConfig, SidecarConfig
+from sidecar.identity import IdentityResolver
 from sidecar.logs import LogSink
 from sidecar.metrics import Metrics
 from sidecar.spans import SpanExporter
@@ -61,6 +62,8 @@ class PolicyDeps:
     background: BackgroundTasks
     # Per-route state that survives reloads (breaker windows, bulkhead semaphores).
     state: PolicyState
+    # Who is calling (identity headers or a verified JWT), for policies that scope by it.
+    identity: IdentityResolver
 
 
 # Returns None when the route does not enable the policy.

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import orjson
 
 from sidecar.store import MemoryKeyspace, Script, ScriptArg
+from sidecar.store.keys import org_tag
 
 # What a replay may carry: representation and caching metadata, never per-exchange or
 # per-user headers (Set-Cookie, WWW-Authenticate, Date, trace ids, hop-by-hop...).
@@ -39,7 +40,6 @@ MAX_KEY_LENGTH = 255
 # The record layout these scripts read and write (field `v`); a record of another layout,
 # written by another release sharing the store, is reported rather than misread.
 RECORD_VERSION = 1
-_SAFE_ORG = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 # A user slot no header value can hold (field values cannot carry control characters), so
 # a caller scoped by its credentials never shares a namespace with a user of that name.
 _CREDENTIALS_SCOPE = "\x01credentials:"
@@ -57,16 +57,6 @@ def credentials_scope(credentials: str) -> str:
     credentials themselves (the store key must not hold a bearer token)."""
     digest = hashlib.sha256(credentials.encode("utf-8", "surrogateescape")).hexdigest()
     return _CREDENTIALS_SCOPE + digest
-
-
-def org_tag(org: str) -> str:
-    """The organisation as it appears in hash tags: itself if plain, else a hash of it.
-
-    Braces or odd bytes in a client-sent org id must not change which slot a key lands in.
-    """
-    if _SAFE_ORG.fullmatch(org):
-        return org
-    return "h" + hashlib.sha256(org.encode("utf-8", "surrogateescape")).hexdigest()[:24]
 
 
 def parse_key(values: Sequence[str]) -> str | None:

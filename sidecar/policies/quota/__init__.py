@@ -1,0 +1,1 @@
+"""Per-organisation rate limits and quotas (see docs/quotas.md)."""

@@ -27,6 +27,7 @@ from sidecar.admin import Admin, Status
 from sidecar.background import BackgroundTasks
 from sidecar.chain import build_chain
 from sidecar.config import ConfigError, RouteConfig, RouteMatch, SidecarConfig, load_config
+from sidecar.config.jwt import warnings_for
 from sidecar.handler import (
     ProxyHandler,
     ProxyServer,
@@ -218,6 +219,9 @@ class Sidecar:
             config_sha256=config.sha256,
             routes=len(config.routes),
         )
+        if config.identity.jwt is not None:
+            for warning in warnings_for(config.identity.jwt):
+                self.log.event("identity.jwt_warning", "warning", detail=warning)
 
     def status(self) -> Status:
         """A snapshot of this process for the admin endpoints."""

@@ -44,6 +44,7 @@ from sidecar.chain import (
     chain_chunks,
 )
 from sidecar.config import IdempotencyConfig, RouteConfig
+from sidecar.identity import IdentityRejected
 from sidecar.policies.base import PolicyDeps
 from sidecar.policies.idempotency.lease import Lease, ReleaseQueue, until_answered
 from sidecar.policies.idempotency.records import (
@@ -97,6 +98,7 @@ class IdempotencyPolicy:
         self._ttl_ms = int(config.ttl * 1000)
         self._org_header = deps.config.identity.org_header
         self._user_header = deps.config.identity.user_header
+        self._identity = deps.identity
         self._store = deps.store
         self._log = deps.log
         self._background = deps.background
@@ -128,7 +130,12 @@ class IdempotencyPolicy:
                 "send one Idempotency-Key of 1 to 255 printable ASCII characters,"
                 ' bare or as a quoted string ("...")',
             )
-        caller = self._caller(request)
+        try:
+            caller = self._caller(request)
+        except IdentityRejected as rejected:
+            response = errors.problem_for(errors.IDENTITY_INVALID, request, rejected.reason)
+            response.headers["WWW-Authenticate"] = 'Bearer error="invalid_token"'
+            return response
         if caller is None:
             if self._config.anonymous == "bypass":
                 return await self._bypass(request, call_next)
@@ -154,12 +161,13 @@ class IdempotencyPolicy:
         return await self._admit(request, call_next, claim)
 
     def _caller(self, request: ProxyRequest) -> tuple[str, str] | None:
-        """(org, user) the record is scoped to; None for a caller nobody vouches for."""
+        """(org, user) the record is scoped to; None for a caller nobody vouches for.
+
+        Raises IdentityRejected for a JWT that is sent but cannot be believed."""
         headers = request.raw.headers
-        org = headers.get(self._org_header, "")
-        user = headers.get(self._user_header, "")
-        if org or user:
-            return org, user
+        identity = self._identity.resolve(headers)
+        if identity.org or identity.user:
+            return identity.org, identity.user
         if self._config.anonymous == "credentials":
             credentials = headers.get(self._config.credentials_header, "")
             if credentials:

@@ -133,6 +133,16 @@ TARGETS: tuple[Target, ...] = (
         requires="quota",
         pinnings=PINNED_ONLY,
     ),
+    # One admission script per request on Redis: the quota's round trip on the latency path.
+    Target(
+        "quota-redis",
+        "sidecar",
+        "sidecar + quota (Redis)",
+        policies=("quota",),
+        requires="quota",
+        pinnings=PINNED_ONLY,
+        state="redis",
+    ),
     Target(
         "breaker",
         "sidecar",

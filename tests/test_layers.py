@@ -27,6 +27,7 @@ POLICIES = (
     "sidecar.policies.tracing",
     "sidecar.policies.body_limit",
     "sidecar.policies.idempotency",
+    "sidecar.policies.quota",
 )
 
 

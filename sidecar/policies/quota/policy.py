@@ -217,6 +217,9 @@ class QuotaPolicy:
             try:
                 replies = await self._store.execute([call])
                 admission = decode_admission(replies[0], count)
+            except asyncio.CancelledError:
+                shared.health.abandoned()  # the client left: the next request probes
+                raise
             except (StoreError, ValueError) as error:
                 shared.health.failed()
                 kind = error.kind if isinstance(error, StoreError) else "malformed_reply"

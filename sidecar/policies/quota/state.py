@@ -60,6 +60,10 @@ class StoreHealth:
             self._failures = 0
             self._on_change(False)
 
+    def abandoned(self) -> None:
+        """The request asking the store went away before its answer: no verdict."""
+        self._probing = False
+
     def failed(self) -> None:
         self._probing = False
         self._failures += 1

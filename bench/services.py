@@ -273,7 +273,9 @@ def free_ports(count: int, base: int, taken: frozenset[int] = frozenset()) -> li
 def http_status(port: int, path: str = "/", timeout: float = 2.0) -> int | None:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
-        conn.request("GET", path)
+        # As every benchmark request does (bench/wrk/report.lua): a quota target refuses
+        # requests naming no organisation.
+        conn.request("GET", path, headers={"X-Org-Id": "bench-org"})
         response = conn.getresponse()
         response.read()
         return response.status

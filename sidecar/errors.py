@@ -175,6 +175,13 @@ def failure_response(request: ProxyRequest, failure: UpstreamFailure) -> ProxyRe
     return response
 
 
+def identity_invalid(request: ProxyRequest, reason: str) -> ProxyResponse:
+    """A JWT was sent that cannot be believed (RFC 6750's invalid_token)."""
+    response = problem_for(IDENTITY_INVALID, request, reason)
+    response.headers["WWW-Authenticate"] = 'Bearer error="invalid_token"'
+    return response
+
+
 def client_stalled(request: ProxyRequest, detail: str) -> ProxyResponse:
     response = problem_for(CLIENT_STALLED, request, detail=detail)
     # The rest of the body may still come: this connection cannot carry another request.

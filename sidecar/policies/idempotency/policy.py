@@ -133,9 +133,7 @@ class IdempotencyPolicy:
         try:
             caller = self._caller(request)
         except IdentityRejected as rejected:
-            response = errors.problem_for(errors.IDENTITY_INVALID, request, rejected.reason)
-            response.headers["WWW-Authenticate"] = 'Bearer error="invalid_token"'
-            return response
+            return errors.identity_invalid(request, rejected.reason)
         if caller is None:
             if self._config.anonymous == "bypass":
                 return await self._bypass(request, call_next)

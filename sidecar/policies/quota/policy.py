@@ -136,9 +136,7 @@ class QuotaPolicy:
         try:
             identity = self._identity.resolve(request.raw.headers)
         except IdentityRejected as rejected:
-            response = errors.problem_for(errors.IDENTITY_INVALID, request, rejected.reason)
-            response.headers["WWW-Authenticate"] = 'Bearer error="invalid_token"'
-            return response
+            return errors.identity_invalid(request, rejected.reason)
         if identity.org:
             return Caller(identity.org, identity.user)
         if self._config.anonymous == "limit":

@@ -33,23 +33,27 @@ async def test_a_forged_org_header_does_not_reach_another_orgs_records() -> None
         f"identity:\n  jwt: {{algorithms: [HS256], secret: {SECRET}}}\n"
         "routes:\n  - name: r\n    match: {path_prefix: /}\n    idempotency: {}\n"
     )
-    async with asyncio.timeout(10), run_app(app) as upstream, aiohttp.ClientSession() as s:
-        async with run_sidecar(sidecar_config(upstream, yaml)) as sidecar:
+    async with (
+        asyncio.timeout(10),
+        run_app(app) as upstream,
+        aiohttp.ClientSession() as s,
+        run_sidecar(sidecar_config(upstream, yaml)) as sidecar,
+    ):
 
-            async def post(org: str, **headers: str) -> tuple[int, str]:
-                headers |= {"Authorization": f"Bearer {token(org)}", "Idempotency-Key": "k1"}
-                async with s.post(sidecar.url + "/orders", headers=headers) as response:
-                    return response.status, await response.text()
+        async def post(org: str, **headers: str) -> tuple[int, str]:
+            headers |= {"Authorization": f"Bearer {token(org)}", "Idempotency-Key": "k1"}
+            async with s.post(sidecar.url + "/orders", headers=headers) as response:
+                return response.status, await response.text()
 
-            assert await post("org-a", **{"X-Org-Id": "org-a"}) == (201, "run 1")
-            assert await post("org-a") == (201, "run 1")  # replayed: the token's org
-            # Org B claiming to be A by header: its own record, a run of its own.
-            assert await post("org-b", **{"X-Org-Id": "org-a"}) == (201, "run 2")
-            async with s.post(
-                sidecar.url + "/orders",
-                headers={"Authorization": "Bearer not.a.jwt", "Idempotency-Key": "k1"},
-            ) as response:
-                assert response.status == 401
-                body = await response.json()
-                assert body["type"].endswith("identity-invalid")
-            assert runs == 2
+        assert await post("org-a", **{"X-Org-Id": "org-a"}) == (201, "run 1")
+        assert await post("org-a") == (201, "run 1")  # replayed: the token's org
+        # Org B claiming to be A by header: its own record, a run of its own.
+        assert await post("org-b", **{"X-Org-Id": "org-a"}) == (201, "run 2")
+        async with s.post(
+            sidecar.url + "/orders",
+            headers={"Authorization": "Bearer not.a.jwt", "Idempotency-Key": "k1"},
+        ) as response:
+            assert response.status == 401
+            body = await response.json()
+            assert body["type"].endswith("identity-invalid")
+        assert runs == 2

@@ -4,29 +4,85 @@ Liveness checks only that this process's event loop answers; it never looks at a
 dependency, so a sick app or Redis can never make Kubernetes restart the sidecar.
 Readiness adds: config loaded, listener bound, not draining, upstream reachable.
 The state store is reported, and gates readiness only if `server.ready_requires_state`.
+
+The quota endpoints (`/quotas/{org}`, `/quotas/{org}/{limit}`) read an organisation's
+usage and set or remove its overrides. With `SIDECAR_ADMIN_TOKEN` set, all of them need
+`Authorization: Bearer <token>`; without it, reads are open (the admin port is internal,
+like /metrics) and writes are refused. See docs/admin-api.md.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
+import hmac
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 import orjson
 from aiohttp import web
 
 from sidecar import __version__
+from sidecar.chain import Problem
 from sidecar.config import SidecarConfig, UpstreamConfig
+from sidecar.errors import problem_response
+from sidecar.handler import new_request_id, valid_request_id
 from sidecar.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from sidecar.metrics import Metrics
+from sidecar.policies.quota.usage import QuotaAdmin, UnknownLimit
 from sidecar.relaying import app_url
 from sidecar.store import StateStore, StoreError
 
 CheckFn = Callable[[], Awaitable[tuple[bool, str]]]
 # Probes from several kubelets and scrapers must not each open a connection to the app.
 _PROBE_CACHE_SECONDS = 1.0
+
+ADMIN_TOKEN_ENV = "SIDECAR_ADMIN_TOKEN"
+# A PUT body is `{"limit": N}`: anything much larger is not one.
+MAX_ADMIN_BODY = 4096
+# Overrides are counted in Lua numbers (doubles): larger integers would lose precision.
+MAX_OVERRIDE = 2**53 - 1
+_REALM = 'Bearer realm="sidecar-admin"'
+
+# The admin API's own problem types (the proxy's catalogue is sidecar.errors).
+ADMIN_UNAUTHORIZED = Problem(
+    "admin-unauthorized", 401, "This admin endpoint needs a valid bearer token"
+)
+ADMIN_WRITES_DISABLED = Problem(
+    "admin-writes-disabled", 403, "Admin writes are disabled: no admin token is configured"
+)
+ADMIN_BAD_REQUEST = Problem("admin-bad-request", 400, "The admin request is not valid")
+ADMIN_BODY_TOO_LARGE = Problem("admin-body-too-large", 413, "The admin request body is too large")
+ADMIN_STORE_UNAVAILABLE = Problem(
+    "admin-store-unavailable", 503, "The state store is unavailable; retry later"
+)
+QUOTA_LIMIT_UNKNOWN = Problem(
+    "quota-limit-unknown", 404, "No route of the current config has a limit of this name"
+)
+QUOTA_OVERRIDE_MISSING = Problem(
+    "quota-override-missing", 404, "This organisation has no override of this limit"
+)
+
+ADMIN_PROBLEMS: tuple[Problem, ...] = (
+    ADMIN_UNAUTHORIZED,
+    ADMIN_WRITES_DISABLED,
+    ADMIN_BAD_REQUEST,
+    ADMIN_BODY_TOO_LARGE,
+    ADMIN_STORE_UNAVAILABLE,
+    QUOTA_LIMIT_UNKNOWN,
+    QUOTA_OVERRIDE_MISSING,
+)
+
+
+class _FromEnv(enum.Enum):
+    TOKEN = "from-env"
+
+
+FROM_ENV = _FromEnv.TOKEN
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +174,18 @@ class UpstreamProbe:
 class Admin:
     """Handlers for the admin listener; what they report is injected by the app."""
 
-    def __init__(self, status: Callable[[], Status], store: StateStore, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        status: Callable[[], Status],
+        store: StateStore,
+        metrics: Metrics,
+        *,
+        admin_token: str | _FromEnv | None = FROM_ENV,
+    ) -> None:
+        if admin_token is FROM_ENV:
+            admin_token = os.environ.get(ADMIN_TOKEN_ENV)
+        # An empty token would let an empty bearer in: it means none is configured.
+        self._token = admin_token.encode() if admin_token else None
         self._status = status
         self._store = store
         self._metrics = metrics
@@ -127,11 +194,14 @@ class Admin:
         self.store = CachedProbe(self._check_store)
 
     def app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(middlewares=[self._guard_quotas])
         app.router.add_get("/live", self.live)
         app.router.add_get("/ready", self.ready)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics)
+        app.router.add_get("/quotas/{org}", self.quota_get)
+        app.router.add_put("/quotas/{org}/{limit}", self.quota_put)
+        app.router.add_delete("/quotas/{org}/{limit}", self.quota_delete)
         app.on_cleanup.append(self._close)
         return app
 
@@ -203,6 +273,135 @@ class Admin:
         response = web.Response(body=body)
         response.headers["Content-Type"] = METRICS_CONTENT_TYPE
         return response
+
+    @web.middleware
+    async def _guard_quotas(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        """Every /quotas path (even one that matches no route) passes the token check first,
+        so an unauthenticated caller learns nothing about what exists."""
+        path = request.path
+        if path == "/quotas" or path.startswith("/quotas/"):
+            if self._token is not None:
+                if not self._authorized(request.headers.get("Authorization")):
+                    response = _problem(request, ADMIN_UNAUTHORIZED)
+                    response.headers["WWW-Authenticate"] = _REALM
+                    return response
+            elif request.method not in ("GET", "HEAD"):
+                return _problem(
+                    request,
+                    ADMIN_WRITES_DISABLED,
+                    f"set {ADMIN_TOKEN_ENV} to enable changes through the admin API",
+                )
+        return await handler(request)
+
+    def _authorized(self, header: str | None) -> bool:
+        assert self._token is not None
+        scheme, _, credentials = (header or "").strip().partition(" ")
+        presented = credentials.strip().encode("utf-8", "surrogateescape")
+        # Compared even when the scheme is wrong: the time taken does not tell them apart.
+        same = hmac.compare_digest(presented, self._token)
+        return same and scheme.lower() == "bearer"
+
+    def _quotas(self) -> QuotaAdmin:
+        return QuotaAdmin(self._status().config, self._store)
+
+    async def quota_get(self, request: web.Request) -> web.Response:
+        org = request.match_info["org"]
+        try:
+            return _json(200, await self._quotas().usage(org))
+        except StoreError as exc:
+            return _store_down(request, exc)
+
+    async def quota_put(self, request: web.Request) -> web.Response:
+        org, limit = request.match_info["org"], request.match_info["limit"]
+        body = await _read_body(request)
+        if body is None:
+            return _problem(
+                request,
+                ADMIN_BODY_TOO_LARGE,
+                f"the body is larger than {MAX_ADMIN_BODY} bytes",
+                max_body=MAX_ADMIN_BODY,
+            )
+        value = _override_value(body)
+        if isinstance(value, str):
+            return _problem(request, ADMIN_BAD_REQUEST, value)
+        quotas = self._quotas()
+        try:
+            await quotas.set_override(org, limit, value)
+            return _json(200, await quotas.usage(org))
+        except UnknownLimit:
+            return _unknown_limit(request, limit)
+        except StoreError as exc:
+            return _store_down(request, exc)
+
+    async def quota_delete(self, request: web.Request) -> web.Response:
+        org, limit = request.match_info["org"], request.match_info["limit"]
+        quotas = self._quotas()
+        try:
+            if not await quotas.delete_override(org, limit):
+                return _problem(
+                    request,
+                    QUOTA_OVERRIDE_MISSING,
+                    f"organisation {org!r} has no override of limit {limit!r}",
+                )
+            return _json(200, await quotas.usage(org))
+        except UnknownLimit:
+            return _unknown_limit(request, limit)
+        except StoreError as exc:
+            return _store_down(request, exc)
+
+
+async def _read_body(request: web.Request) -> bytes | None:
+    """The request body, or None if it is longer than MAX_ADMIN_BODY (declared or sent)."""
+    if request.content_length is not None and request.content_length > MAX_ADMIN_BODY:
+        return None
+    data = bytearray()
+    while True:
+        chunk = await request.content.read(MAX_ADMIN_BODY + 1 - len(data))
+        if not chunk:
+            return bytes(data)
+        data += chunk
+        if len(data) > MAX_ADMIN_BODY:
+            return None
+
+
+def _override_value(body: bytes) -> int | str:
+    """The `limit` of a `{"limit": N}` body, or what is wrong with the body."""
+    try:
+        parsed: Any = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return 'the body must be a JSON object: {"limit": N}'
+    if not isinstance(parsed, dict) or set(parsed) != {"limit"}:
+        return 'the body must be a JSON object with exactly one member: {"limit": N}'
+    value = parsed["limit"]
+    if isinstance(value, bool) or not isinstance(value, int):
+        return '"limit" must be an integer'
+    if not 0 <= value <= MAX_OVERRIDE:
+        return f'"limit" must be between 0 and {MAX_OVERRIDE}'
+    return value
+
+
+def _problem(
+    request: web.Request, problem: Problem, detail: str | None = None, **members: object
+) -> web.Response:
+    client_id = request.headers.get("X-Request-Id")
+    request_id = client_id if client_id is not None and valid_request_id(client_id) else None
+    answer = problem_response(
+        problem, request_id or new_request_id(), detail, members=members or None
+    )
+    assert isinstance(answer.body, bytes)
+    return web.Response(status=answer.status, headers=answer.headers, body=answer.body)
+
+
+def _unknown_limit(request: web.Request, limit: str) -> web.Response:
+    return _problem(request, QUOTA_LIMIT_UNKNOWN, f"no route has a limit named {limit!r}")
+
+
+def _store_down(request: web.Request, exc: StoreError) -> web.Response:
+    response = _problem(request, ADMIN_STORE_UNAVAILABLE, str(exc))
+    response.headers["Retry-After"] = "1"
+    return response
 
 
 def _probe_json(result: ProbeResult) -> dict[str, object]:

@@ -48,6 +48,16 @@ SLACK_MS = 1_000
 FROZEN_WALL = 1_800_000_000.0  # the memory store's stopped wall clock (Unix s)
 
 
+class WallClock:
+    """The memory store's Unix clock, stopped unless a test moves it."""
+
+    def __init__(self) -> None:
+        self.now = FROZEN_WALL
+
+    def __call__(self) -> float:
+        return self.now
+
+
 class FakeClock:
     def __init__(self) -> None:
         self.now = 1000.0
@@ -79,6 +89,7 @@ class Scripts:
 
     store: StateStore
     raw: aioredis.Redis | None = None
+    wall: WallClock | None = None
 
     @property
     def memory(self) -> Keyspace | None:
@@ -86,9 +97,16 @@ class Scripts:
 
     def now_ms(self) -> int:
         """The store's clock now, as this process reads it (exact on memory)."""
-        if self.memory is not None:
-            return int(FROZEN_WALL * 1000)
+        if self.wall is not None:
+            return int(self.wall.now * 1000)
         return int(time.time() * 1000)
+
+    async def wait(self, seconds: float) -> None:
+        """Let time pass: the memory store's wall clock moves; on Redis, sleep."""
+        if self.wall is not None:
+            self.wall.now += seconds
+        else:
+            await asyncio.sleep(seconds)
 
     async def call(self, call: ScriptCall) -> object:
         [result] = await self.store.execute([call])
@@ -142,8 +160,9 @@ async def scripts(request: pytest.FixtureRequest) -> AsyncIterator[Scripts]:
     if request.param == "memory":
         clock = FakeClock()
         memory = MemoryStore(PREFIX, clock=clock)
-        memory.keyspace = Keyspace(clock, lambda: FROZEN_WALL)
-        yield Scripts(memory)
+        wall = WallClock()
+        memory.keyspace = Keyspace(clock, wall)
+        yield Scripts(memory, wall=wall)
         await memory.close()
         return
     url: str = request.getfixturevalue("redis_url")
@@ -210,6 +229,19 @@ async def test_a_burst_of_3_at_ten_a_second_lets_only_3_pass_at_once(scripts: Sc
     assert not refused.ok and refused.remaining == 0
     # The next one may pass a tenth of a second after the first.
     assert 1 <= refused.retry_after_ms <= 100
+
+
+@bounded
+async def test_a_rate_limit_refills_one_unit_per_window_over_limit(scripts: Scripts) -> None:
+    limit = rate("r:{o:acme}:burst", 10, window=SECOND_US, burst=3)
+    for _ in range(3):
+        assert (await scripts.one(limit)).ok
+    refused = await scripts.one(limit)
+    assert not refused.ok
+    await scripts.wait((refused.retry_after_ms + 5) / 1000)
+    refilled = await scripts.one(limit)
+    assert refilled.ok and refilled.remaining == 0
+    assert not (await scripts.one(limit)).ok
 
 
 @bounded

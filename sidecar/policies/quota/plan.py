@@ -92,11 +92,12 @@ class CompiledLimit:
         self._suffix = f":{namespace}:{config.name}"
         self._route_prefix = f"{{r:{namespace}}}{self._suffix}"
 
-    def key(self, caller: Caller, period: Period | None) -> str:
+    def key(self, caller: Caller, tag: str, period: Period | None) -> str:
+        """The counter of `caller` (whose org_tag is `tag`) in `period` (None: a rate)."""
         if self.scope == "route":
             base = self._route_prefix
         else:
-            base = f"{{o:{org_tag(caller.org)}}}{self._suffix}"
+            base = f"{{o:{tag}}}{self._suffix}"
             if self.scope == "org_user":
                 base = f"{base}:u:{_user_part(caller.user)}"
         if period is None:
@@ -162,6 +163,7 @@ class Plan:
         `divide_by` scales limits down for the in-process fallback (limit / replicas).
         """
         charges = []
+        tag = org_tag(caller.org)  # once per request, not once per limit
         for limit in self.limits:
             period = None
             if limit.period is not None:
@@ -173,7 +175,7 @@ class Plan:
                 burst = _divide(burst, divide_by) if burst else 0
             args = LimitArgs(
                 kind=limit.kind,
-                key=limit.key(caller, period),
+                key=limit.key(caller, tag, period),
                 limit=value,
                 # An org's override never applies to a limit everybody shares.
                 override_field="" if limit.scope == "route" or divide_by > 1 else limit.name,

@@ -29,7 +29,6 @@ from sidecar.policies.quota.scripts import (
     override_delete_call,
     override_get_call,
     override_set_call,
-    refund_amount,
     refund_call,
 )
 from sidecar.store import MemoryStore, ScriptCall, StateStore, StoreError, open_store
@@ -261,8 +260,7 @@ async def test_a_refund_of_one_request_restores_one_unit(scripts: Scripts) -> No
     limit = rate("r:{o:acme}:calls")
     await scripts.one(limit)
     assert (await scripts.one(limit)).remaining == 8
-    amount = refund_amount(limit, 10)
-    assert amount == 360_000_000
+    amount = limit.cost
     assert await scripts.refund([("rate", limit.key, amount)]) == 1
     assert (await scripts.one(limit, peek=True)).remaining == 8  # 9 now, 8 after a peek's 1
     assert (await scripts.one(rate(limit.key, cost=0), peek=True)).remaining == 9
@@ -308,6 +306,33 @@ async def test_an_override_replaces_the_limit(scripts: Scripts) -> None:
     # Without the field, the override does not apply.
     other = await scripts.one(rate("r:{o:acme}:other", 10))
     assert other.limit == 10 and other.remaining == 9
+
+
+@bounded
+async def test_a_raised_override_keeps_what_was_used_in_units(scripts: Scripts) -> None:
+    """4 of 4 used, then the limit becomes 100: 96 are left, not the 4 already spent
+    reinterpreted as 900 s of debt each (a whole hour at the new rate)."""
+    await scripts.call(override_set_call(OVERRIDES, "calls", 4))
+    limit = rate("r:{o:acme}:calls", 100, field="calls")
+    assert [(await scripts.one(limit)).remaining for _ in range(4)] == [3, 2, 1, 0]
+    assert not (await scripts.one(limit)).ok
+    await scripts.call(override_delete_call(OVERRIDES, "calls"))
+    raised = await scripts.one(limit)
+    assert raised.ok and raised.limit == 100 and raised.remaining == 95
+    # Five units drain at the new rate, 36 s each.
+    assert near(raised.reset_ms, 180_000)
+
+
+@bounded
+async def test_a_lowered_override_refuses_what_was_already_used(scripts: Scripts) -> None:
+    limit = rate("r:{o:acme}:calls", 100, field="calls")
+    for _ in range(50):
+        assert (await scripts.one(limit)).ok
+    await scripts.call(override_set_call(OVERRIDES, "calls", 10))
+    refused = await scripts.one(limit)
+    assert not refused.ok and refused.limit == 10 and refused.remaining == 0
+    # 50 used of a new capacity of 10: 41 must drain, at 360 s each, before one more fits.
+    assert 41 * 360_000 - SLACK_MS <= refused.retry_after_ms <= 41 * 360_000
 
 
 @pytest.mark.parametrize("garbage", [b"abc", b"-1", b"", b"2.5", b" 3"])
@@ -403,7 +428,6 @@ async def test_the_next_period_is_a_new_key_starting_at_zero(scripts: Scripts) -
 async def test_a_quota_refund_never_goes_below_zero(scripts: Scripts) -> None:
     limit = quota("q:{o:acme}:d", 3, scripts.now_ms() + HOUR_MS, cost=2)
     assert (await scripts.one(limit)).remaining == 1
-    assert refund_amount(limit, 3) == 2
     assert await scripts.refund([("quota", limit.key, 1)]) == 1
     assert await scripts.get(limit.key) == b"1"
     assert await scripts.refund([("quota", limit.key, 5)]) == 1
@@ -474,13 +498,17 @@ def test_decode_overrides_of_something_else_is_empty() -> None:
 # --- a counter no script wrote ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["rate", "quota"])
+# A rate counter holds "LEVEL:AT"; a quota's an integer. Each refuses the other's shape.
+@pytest.mark.parametrize(
+    ("kind", "garbage"),
+    [("rate", b"abc"), ("rate", b"1800000000000000"), ("rate", b"-5:1"), ("quota", b"abc")],
+)
 async def test_a_counter_that_is_not_an_integer_fails_the_script(
-    scripts: Scripts, kind: str
+    scripts: Scripts, kind: str, garbage: bytes
 ) -> None:
     async with asyncio.timeout(TEST_TIMEOUT):
         key = "r:{o:acme}:bad"
-        await scripts.set(key, b"abc")
+        await scripts.set(key, garbage)
         limit = rate(key) if kind == "rate" else quota(key, 3, scripts.now_ms() + HOUR_MS)
         with pytest.raises(StoreError) as raised:
             await scripts.admit(limit)
@@ -488,7 +516,7 @@ async def test_a_counter_that_is_not_an_integer_fails_the_script(
         with pytest.raises(StoreError) as raised:
             await scripts.admit(limit, peek=True)
         assert raised.value.kind == "script"
-        assert await scripts.get(key) == b"abc"
+        assert await scripts.get(key) == garbage
 
 
 @bounded

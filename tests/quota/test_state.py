@@ -55,17 +55,26 @@ def test_the_back_off_is_capped_at_five_seconds() -> None:
 
 def test_a_remembered_refusal_holds_for_larger_costs_until_its_time() -> None:
     cache = DenialCache(capacity=2)
-    cache.remember("k", 3, until=10.0)
+    cache.remember("k", 3, until=10.0, now=8.0)
     assert cache.refused("k", 3, now=9.0) == 1.0
     assert cache.refused("k", 5, now=9.5) == 0.5
     assert cache.refused("k", 2, now=9.0) is None  # a smaller cost may still fit
     assert cache.refused("k", 3, now=10.0) is None  # over: forgotten
     assert len(cache) == 0
     for key in ("a", "b", "c"):
-        cache.remember(key, 1, until=50.0)
+        cache.remember(key, 1, until=3.0, now=0.0)
     assert len(cache) == 2 and cache.refused("a", 1, now=1.0) is None  # oldest evicted
-    cache.forget("b")
-    assert cache.refused("b", 1, now=1.0) is None and cache.refused("c", 1, now=1.0) == 49.0
+    assert cache.refused("c", 1, now=1.0) == 2.0
+
+
+def test_a_long_refusal_is_trusted_only_briefly_so_a_raised_limit_reaches_every_replica() -> None:
+    cache = DenialCache(trust=5.0)
+    cache.remember("k", 1, until=3600.0, now=0.0)
+    # Answered from memory with the store's wait for a while...
+    assert cache.refused("k", 1, now=4.9) == 3595.1
+    # ...then asked of the store again, which may know of a refund or a raised limit.
+    assert cache.refused("k", 1, now=5.0) is None
+    assert len(cache) == 0
 
 
 def test_in_flight_counts_per_organisation() -> None:

@@ -7,7 +7,7 @@ Store keys (docs/quotas.md has the layout). One organisation's keys share the ha
 `{o:ORG}`, so the one admission script per request touches a single Redis Cluster slot;
 a `scope: route` limit is everybody's and lives under `{r:NAMESPACE}` instead:
 
-    rl:{o:ORG}:NAMESPACE:LIMIT[:u:USER]           a rate limit's GCRA time (µs)
+    rl:{o:ORG}:NAMESPACE:LIMIT[:u:USER]           a rate limit's bucket (level:µs)
     qt:{o:ORG}:NAMESPACE:LIMIT[:u:USER]:PERIOD    a quota's count in one calendar period
     qo:{o:ORG}                                    the admin API's overrides (limit -> N)
 """

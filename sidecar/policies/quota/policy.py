@@ -47,7 +47,6 @@ from sidecar.policies.quota.scripts import (
     LimitResult,
     admit_call,
     decode_admission,
-    refund_amount,
     refund_call,
 )
 from sidecar.policies.quota.state import DenialCache, InFlight, RefundQueue, StoreHealth
@@ -313,7 +312,7 @@ class QuotaPolicy:
         for charge, result in zip(charges, admission.limits, strict=True):
             if not result.ok and not charge.limit.shadow and result.retry_after_ms > 0:
                 until = now + result.retry_after_ms / 1000
-                self._shared.denials.remember(charge.args.key, charge.args.cost, until)
+                self._shared.denials.remember(charge.args.key, charge.args.cost, until, now)
 
     def _finisher(
         self,
@@ -325,7 +324,7 @@ class QuotaPolicy:
             never_reached = not outcome.request_sent
             broke_off = outcome.failure != Failure.NONE
             refunds = [
-                (charge.args.kind, charge.args.key, refund_amount(charge.args, result.limit))
+                (charge.args.kind, charge.args.key, charge.args.cost)
                 for charge, result in zip(charges, admission.limits, strict=True)
                 if result.ok
                 and charge.args.cost > 0

@@ -17,6 +17,8 @@ from sidecar.store import MemoryKeyspace, Script, ScriptArg, ScriptCall
 
 _UNSIGNED = re.compile(rb"\d+\Z")
 _SIGNED = re.compile(rb"-?\d+\Z")
+_BUCKET = re.compile(rb"(\d+):(\d+)\Z")
+_MICRO = 1_000_000
 _PER_LIMIT = 7
 _DAY_MS = 86_400_000
 
@@ -83,20 +85,11 @@ def decode_admission(reply: object, count: int) -> Admission:
 
 
 def refund_call(refunds: Sequence[tuple[str, str, int]]) -> ScriptCall:
-    """(kind, counter key, amount) per counter."""
+    """(kind, counter key, cost charged) per counter."""
     args: list[ScriptArg] = [len(refunds)]
     for kind, _, amount in refunds:
         args += (kind, amount)
     return ScriptCall(REFUND, tuple(key for _, key, _ in refunds), tuple(args))
-
-
-def refund_amount(args: LimitArgs, effective_limit: int) -> int:
-    """What giving back one request's charge takes off its counter."""
-    if args.kind == "quota":
-        return args.cost
-    if effective_limit <= 0:
-        return 0
-    return round(args.cost * args.window / effective_limit)
 
 
 def override_set_call(overrides_key: str, limit_name: str, value: int) -> ScriptCall:
@@ -142,13 +135,24 @@ def _stored(keyspace: MemoryKeyspace, key: str) -> int | None:
     return int(value)
 
 
+def _bucket(keyspace: MemoryKeyspace, key: str) -> tuple[int, int] | None:
+    """A rate counter's (level in µunits, as of Unix µs), as ADMIT stores it."""
+    value = keyspace.get(key)
+    if value is None:
+        return None
+    match = _BUCKET.match(value)
+    if match is None:
+        raise ValueError(f"ERR quota counter {key} is not a bucket level")
+    return int(match[1]), int(match[2])
+
+
 def _admit(keyspace: MemoryKeyspace, keys: Sequence[str], argv: Sequence[ScriptArg]) -> object:
     now_us = keyspace.unix_us()
     now_ms = now_us // 1000
     charge = _text(argv[0]) == "charge"
     allowed = True
     reply: list[int] = []
-    writes: list[tuple[str, str, int, int]] = []
+    writes: list[tuple[str, int | str, int]] = []
     for i in range(_number(argv[1])):
         base = 2 + i * _PER_LIMIT
         kind, limit, field = _text(argv[base]), _number(argv[base + 1]), _text(argv[base + 2])
@@ -159,20 +163,21 @@ def _admit(keyspace: MemoryKeyspace, keys: Sequence[str], argv: Sequence[ScriptA
             override = keyspace.hget(keys[0], field)
             if override is not None and _UNSIGNED.match(override):
                 limit = int(override)
-        stored = _stored(keyspace, key)
+        write: tuple[int | str, int] | None
         if kind == "rate":
-            ok, result, write = _rate(limit, window, burst, cost, stored, now_us)
+            bucket = _bucket(keyspace, key)
+            ok, result, write = _rate(limit, window, burst, cost, bucket, now_us)
         else:
-            ok, result, write = _quota(limit, window, cost, stored, now_ms)
+            ok, result, write = _quota(limit, window, cost, _stored(keyspace, key), now_ms)
         if not ok and enforced:
             allowed = False
         if ok and write is not None:
-            writes.append((key, kind, *write))
+            writes.append((key, *write))
         reply += (1 if ok else 0, limit, *result)
     if charge and allowed:
-        for key, kind, value, px in writes:
-            if kind == "rate":
-                keyspace.set(key, str(value).encode(), px=px)
+        for key, value, px in writes:
+            if isinstance(value, str):
+                keyspace.set(key, value.encode(), px=px)
             else:
                 keyspace.incrby(key, value)
                 keyspace.pexpire(key, max(1, px))
@@ -180,24 +185,24 @@ def _admit(keyspace: MemoryKeyspace, keys: Sequence[str], argv: Sequence[ScriptA
 
 
 def _rate(
-    limit: int, window: int, burst: int, cost: int, stored: int | None, now_us: int
-) -> tuple[bool, tuple[int, int, int], tuple[int, int] | None]:
+    limit: int, window: int, burst: int, cost: int, bucket: tuple[int, int] | None, now_us: int
+) -> tuple[bool, tuple[int, int, int], tuple[str, int] | None]:
     capacity = burst or limit
     if limit <= 0:
         wait = math.ceil(window / 1000)
         return cost == 0, (0, wait, 0 if cost == 0 else wait), None
-    step = window / limit
-    tat = max(float(stored if stored is not None else now_us), float(now_us))
-    new_tat = tat + cost * step
-    allow_at = new_tat - capacity * step
-    if cost == 0 or now_us >= allow_at:
-        remaining = math.floor((now_us + capacity * step - new_tat) / step)
-        reset = math.ceil((new_tat - now_us) / 1000)
-        write = (math.floor(new_tat), reset + 1000) if cost > 0 else None
+    level, at = bucket if bucket is not None else (0, now_us)
+    drain = limit * _MICRO / window  # µunits per µs
+    now_level = max(0.0, level - max(0, now_us - at) * drain)
+    new_level = now_level + cost * _MICRO
+    if cost == 0 or new_level <= capacity * _MICRO + 1:
+        remaining = math.floor((capacity * _MICRO - new_level) / _MICRO)
+        reset = math.ceil(new_level / drain / 1000)
+        write = (f"{math.ceil(new_level)}:{now_us}", reset + 1000) if cost > 0 else None
         return True, (max(0, min(capacity, remaining)), reset, 0), write
-    remaining = math.floor((now_us + capacity * step - tat) / step)
-    reset = math.ceil((tat - now_us) / 1000)
-    retry = max(1, math.ceil((allow_at - now_us) / 1000))
+    remaining = math.floor((capacity * _MICRO - now_level) / _MICRO)
+    reset = math.ceil(now_level / drain / 1000)
+    retry = max(1, math.ceil((new_level - capacity * _MICRO) / drain / 1000))
     return False, (max(0, min(capacity, remaining)), reset, retry), None
 
 
@@ -213,21 +218,21 @@ def _quota(
 
 
 def _refund(keyspace: MemoryKeyspace, keys: Sequence[str], argv: Sequence[ScriptArg]) -> object:
-    now_us = keyspace.unix_us()
     changed = 0
     for i in range(_number(argv[0])):
         key, kind, amount = keys[i], _text(argv[1 + 2 * i]), _number(argv[2 + 2 * i])
-        stored = _stored(keyspace, key)
-        if stored is None:
-            continue
-        changed += 1
         if kind == "rate":
-            new = stored - amount
-            if new <= now_us:
+            bucket = _bucket(keyspace, key)
+            if bucket is None:
+                continue
+            changed += 1
+            level, ttl = bucket[0] - amount * _MICRO, keyspace.pttl(key)
+            if level <= 0 or ttl <= 0:
                 keyspace.delete(key)
             else:
-                keyspace.set(key, str(new).encode(), px=math.ceil((new - now_us) / 1000) + 1000)
-        else:
+                keyspace.set(key, f"{level}:{bucket[1]}".encode(), px=ttl)
+        elif _stored(keyspace, key) is not None:
+            changed += 1
             left = keyspace.incrby(key, -amount)
             if left < 0:
                 keyspace.incrby(key, -left)

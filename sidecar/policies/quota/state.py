@@ -78,37 +78,35 @@ class DenialCache:
 
     A refusal of cost c at a GCRA counter or a quota holds for every cost >= c until its
     Retry-After (capacity only grows with time), so answering those from here refuses
-    nothing the store would have let through, except after a refund or a raised override
-    (then a client waits at most its Retry-After).
+    nothing the store would have let through, except after a refund or a raised override.
+    So that those reach every replica soon, a refusal is trusted for `trust` seconds at
+    most, then asked of the store again: one store call per key per `trust` per replica.
     """
 
-    def __init__(self, capacity: int = 10_000) -> None:
+    def __init__(self, capacity: int = 10_000, trust: float = 5.0) -> None:
         self._capacity = capacity
-        self._entries: OrderedDict[str, tuple[float, int]] = OrderedDict()
+        self._trust = trust
+        # key -> (refused until, trusted until, cost refused)
+        self._entries: OrderedDict[str, tuple[float, float, int]] = OrderedDict()
 
     def refused(self, key: str, cost: int, now: float) -> float | None:
         """Seconds until `key` could take `cost`, if it is known to refuse it now."""
         entry = self._entries.get(key)
         if entry is None:
             return None
-        until, refused_cost = entry
-        if now >= until:
+        until, trusted_until, refused_cost = entry
+        if now >= trusted_until:
             del self._entries[key]
             return None
         if cost < refused_cost:
             return None
         return until - now
 
-    def remember(self, key: str, cost: int, until: float) -> None:
-        self._entries[key] = (until, cost)
+    def remember(self, key: str, cost: int, until: float, now: float) -> None:
+        self._entries[key] = (until, min(until, now + self._trust), cost)
         self._entries.move_to_end(key)
         while len(self._entries) > self._capacity:
             self._entries.popitem(last=False)
-
-    def forget(self, key_part: str) -> None:
-        """Drop every remembered refusal whose key contains `key_part` (an override changed)."""
-        for key in [key for key in self._entries if key_part in key]:
-            del self._entries[key]
 
     def __len__(self) -> int:
         return len(self._entries)

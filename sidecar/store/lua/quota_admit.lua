@@ -1,6 +1,7 @@
 -- Quotas: check every limit of one request and charge them all, or none.
 -- KEYS[1]: the organisation's overrides hash (limit name -> limit, set by the admin API).
--- KEYS[2..n+1]: each limit's counter (a string: a GCRA time in µs, or a period's count).
+-- KEYS[2..n+1]: each limit's counter: a rate's bucket level "MICROUNITS:AT_US" (the units
+-- charged and not yet drained, in millionths, as of Unix µs AT_US), or a period's count.
 -- ARGV[1]: "charge", or "peek" (evaluate, write nothing). ARGV[2]: n.
 -- Then 7 ARGV per limit: kind ("rate" | "quota"), limit, override field ("" for none),
 -- window (rate: µs; quota: the period's end, Unix ms), burst (rate: capacity, 0 = the
@@ -35,11 +36,18 @@ for i = 1, n do
     if override then limit = override end
   end
   local stored = redis.call('GET', key)
-  if stored and not string.match(stored, '^%-?%d+$') then
-    return redis.error_reply('ERR quota counter ' .. key .. ' is not an integer')
-  end
   local ok, remaining, reset_ms, retry_ms, write
   if kind == 'rate' then
+    -- GCRA kept as a leaky bucket's level in units (not as a theoretical arrival time), so
+    -- that a limit changed by an override rescales what was used instead of reinterpreting it.
+    local level, at = 0, now_us
+    if stored then
+      local l, a = string.match(stored, '^(%d+):(%d+)$')
+      if not l then
+        return redis.error_reply('ERR quota counter ' .. key .. ' is not a bucket level')
+      end
+      level, at = tonumber(l), tonumber(a)
+    end
     local capacity = burst
     if capacity == 0 then capacity = limit end
     if limit <= 0 then
@@ -47,24 +55,28 @@ for i = 1, n do
       remaining, reset_ms, retry_ms = 0, math.ceil(window / 1000), math.ceil(window / 1000)
       if ok then retry_ms = 0 end
     else
-      local t = window / limit
-      local tat = math.max(tonumber(stored or now_us), now_us)
-      local new_tat = tat + cost * t
-      local allow_at = new_tat - capacity * t
-      ok = cost == 0 or now_us >= allow_at
+      -- µunits drained per µs: the limit per window.
+      local drain = limit * 1000000 / window
+      local now_level = math.max(0, level - math.max(0, now_us - at) * drain)
+      local new_level = now_level + cost * 1000000
+      -- One µunit of slack: levels are stored rounded up.
+      ok = cost == 0 or new_level <= capacity * 1000000 + 1
       if ok then
-        remaining = math.floor((now_us + capacity * t - new_tat) / t)
-        reset_ms = math.ceil((new_tat - now_us) / 1000)
+        remaining = math.floor((capacity * 1000000 - new_level) / 1000000)
+        reset_ms = math.ceil(new_level / drain / 1000)
         retry_ms = 0
-        if cost > 0 then write = {'rate', math.floor(new_tat), math.ceil((new_tat - now_us) / 1000) + 1000} end
+        if cost > 0 then write = {'rate', string.format('%d:%d', math.ceil(new_level), now_us), reset_ms + 1000} end
       else
-        remaining = math.floor((now_us + capacity * t - tat) / t)
-        reset_ms = math.ceil((tat - now_us) / 1000)
-        retry_ms = math.max(1, math.ceil((allow_at - now_us) / 1000))
+        remaining = math.floor((capacity * 1000000 - now_level) / 1000000)
+        reset_ms = math.ceil(now_level / drain / 1000)
+        retry_ms = math.max(1, math.ceil((new_level - capacity * 1000000) / drain / 1000))
       end
       remaining = math.max(0, math.min(capacity, remaining))
     end
   else
+    if stored and not string.match(stored, '^%-?%d+$') then
+      return redis.error_reply('ERR quota counter ' .. key .. ' is not an integer')
+    end
     local used = tonumber(stored or '0')
     ok = used + cost <= limit
     reset_ms = math.max(0, window - now_ms)
@@ -88,7 +100,7 @@ if charge and allowed then
   for _, item in ipairs(writes) do
     local key, write = item[1], item[2]
     if write[1] == 'rate' then
-      redis.call('SET', key, string.format('%d', write[2]), 'PX', write[3])
+      redis.call('SET', key, write[2], 'PX', write[3])
     else
       redis.call('INCRBY', key, write[2])
       redis.call('PEXPIRE', key, math.max(1, write[3]))

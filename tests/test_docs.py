@@ -361,6 +361,14 @@ def test_the_error_catalogue_documents_exactly_the_problem_types() -> None:
     assert set(problem_table()) == {problem.slug for problem in CATALOGUE}
 
 
+def test_the_admin_api_documents_exactly_its_problem_types_and_statuses() -> None:
+    text = read(DOCS / "admin-api.md")
+    section = text[text.index("## Status codes and problem types") :]
+    section = section[: section.index("\n## ", 1)]
+    documented = set(re.findall(r"^\| (\d{3}) \| `([a-z-]+)` \|", section, re.MULTILINE))
+    assert documented == {(str(problem.status), problem.slug) for problem in admin.ADMIN_PROBLEMS}
+
+
 @pytest.mark.parametrize("problem", CATALOGUE, ids=lambda problem: problem.slug)
 def test_each_problem_type_has_its_status_and_title(problem: Any) -> None:
     row = problem_table().get(problem.slug)

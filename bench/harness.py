@@ -221,8 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--profile",
         action="store_true",
-        help="instead of benchmarking: profile the pinned pass-through "
-        "sidecar under load with py-spy (see bench/pyspy.py)",
+        help="instead of benchmarking: profile one pinned sidecar target (pass-through, "
+        "or the one --targets names) under load with py-spy (see bench/pyspy.py)",
     )
     parser.add_argument(
         "--profile-seconds",
@@ -793,7 +793,11 @@ def main(argv: list[str] | None = None) -> int:
         import pyspy
 
         label = SidecarSource.label or working_tree_label()
-        return pyspy.main(args.profile_seconds, args.port_base, write_backend_files(2**20), label)
+        names = args.targets or ["passthrough"]
+        if len(names) != 1:
+            sys.exit("bench: --profile profiles one target at a time")
+        files = write_backend_files(2**20)
+        return pyspy.main(args.profile_seconds, args.port_base, files, label, names[0])
     settings = settings_from(args)
     if args.instructions:
         import instructions

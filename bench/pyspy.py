@@ -1,11 +1,12 @@
-"""`bench/run --profile`: where a pass-through request's CPU time goes, by py-spy.
+"""`bench/run --profile`: where a sidecar request's CPU time goes, by py-spy.
 
-Starts the backend and a pass-through sidecar pinned as in the benchmark (sidecar on core 1,
-wrk and nginx on core 0), puts it under a bounded wrk load at 32 connections, and records
-it twice with py-spy: a flame graph (bench/results/passthrough-profile.svg) and raw
-collapsed stacks with native frames, which are summarised into
-bench/results/profile-summary.md (self time by component, hottest functions). The reading
-of it is bench/results/profile.md, written by a person.
+Starts the backend (and Redis, for a target on it) and one sidecar target, pass-through
+unless `--targets` names another, pinned as in the benchmark (sidecar on core 1, wrk and
+the rest on core 0), puts it under a bounded wrk load at 32 connections, and records it
+twice with py-spy: a flame graph (bench/results/TARGET-profile.svg) and raw collapsed
+stacks with native frames, which are summarised into bench/results/profile-summary.md
+(pass-through) or TARGET-profile-summary.md (self time by component, hottest functions).
+The reading of it is bench/results/profile.md, written by a person.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from services import (
     allocate_ports,
     sidecar_config,
     start_backend,
+    start_redis,
     start_sidecar,
     write_sidecar_config,
 )
@@ -193,7 +195,11 @@ def _short(frame: str) -> str:
 
 
 def summary_markdown(
-    profile: Profile, rps: float | None, cpu_us: float | None, code_label: str
+    profile: Profile,
+    rps: float | None,
+    cpu_us: float | None,
+    code_label: str,
+    title: str = "pass-through sidecar",
 ) -> str:
     n = max(profile.samples, 1)
 
@@ -210,10 +216,10 @@ def summary_markdown(
         else ""
     )
     lines = [
-        "# Pass-through profile (generated)",
+        f"# Profile of the {title} (generated)",
         "",
-        f"py-spy --native, {profile.samples} samples at {SAMPLE_RATE}/s of the pass-through "
-        f"sidecar pinned to one core, wrk {CONNECTIONS} connections, 100-byte body"
+        f"py-spy --native, {profile.samples} samples at {SAMPLE_RATE}/s of the {title} "
+        f"pinned to one core, wrk {CONNECTIONS} connections, 100-byte body"
         f"{while_profiled}. Sidecar at {code_label}. Made by `bench/run --profile`; "
         "`profile.md` says what it means.",
         "",
@@ -297,14 +303,23 @@ def record(pid: int, seconds: int, out: Path, fmt: str, native: bool) -> bool:
     return done.returncode == 0 and out.exists()
 
 
-def main(seconds: int, port_base: int, files: Path, code_label: str) -> int:
-    passthrough = next(t for t in TARGETS if t.name == "passthrough")
-    ports = allocate_ports([passthrough], port_base)
-    port, admin = ports.proxies["passthrough"]
-    config = write_sidecar_config("profile", sidecar_config(passthrough, ports, policy_fragments()))
+def main(seconds: int, port_base: int, files: Path, code_label: str, name: str) -> int:
+    target = next((t for t in TARGETS if t.name == name and t.kind == "sidecar"), None)
+    if target is None:
+        print(f"bench: --profile takes one sidecar target (see --list), not {name!r}")
+        return 2
+    ports = allocate_ports([target], port_base)
+    port, admin = ports.proxies[target.name]
+    config = write_sidecar_config("profile", sidecar_config(target, ports, policy_fragments()))
     RESULTS.mkdir(parents=True, exist_ok=True)
-    raw = RUN_DIR / "passthrough-profile.raw.txt"
+    raw = RUN_DIR / f"{name}-profile.raw.txt"
+    summary_file = RESULTS / (
+        "profile-summary.md" if name == "passthrough" else f"{name}-profile-summary.md"
+    )
+    stacks_file = RESULTS / f"{name}-profile.collapsed.txt.gz"
     try:
+        if target.state == "redis":
+            start_redis(ports.redis, "0")
         start_backend(ports.backend, files, "0")
         sidecar = start_sidecar("profile", config, port, admin, 1, "1")
         load_seconds = 2 * seconds + 8
@@ -328,7 +343,7 @@ def main(seconds: int, port_base: int, files: Path, code_label: str) -> int:
         time.sleep(3)  # warm up before sampling
         before = CpuSnapshot.take([sidecar.pid])
         started_at = time.monotonic()
-        svg = RESULTS / "passthrough-profile.svg"
+        svg = RESULTS / f"{name}-profile.svg"
         record(sidecar.pid, seconds, svg, "flamegraph", native=False)
         if not record(sidecar.pid, seconds, raw, "raw", native=True):
             record(sidecar.pid, seconds, raw, "raw", native=False)
@@ -339,19 +354,15 @@ def main(seconds: int, port_base: int, files: Path, code_label: str) -> int:
         REGISTRY.stop_all()
     rps = wrk_rps(RUN_DIR / "logs" / "wrk-profile.log")
     cpu_us = cpu_s * 1e6 / (rps * elapsed) if cpu_s and rps else None
-    summary = summary_markdown(parse_collapsed(raw.read_text()), rps, cpu_us, code_label)
-    (RESULTS / "profile-summary.md").write_text(summary)
+    summary = summary_markdown(
+        parse_collapsed(raw.read_text()), rps, cpu_us, code_label, target.title
+    )
+    summary_file.write_text(summary)
     # Gzipped: the raw stacks with native frames are ~1 MB of text.
-    with (
-        raw.open("rb") as src,
-        gzip.open(RESULTS / "passthrough-profile.collapsed.txt.gz", "wb") as dst,
-    ):
+    with raw.open("rb") as src, gzip.open(stacks_file, "wb") as dst:
         shutil.copyfileobj(src, dst)
     print(summary)
-    print(
-        f"wrote {svg}, {RESULTS / 'profile-summary.md'}, "
-        f"{RESULTS / 'passthrough-profile.collapsed.txt.gz'}"
-    )
+    print(f"wrote {svg}, {summary_file}, {stacks_file}")
     return 0
 
 

@@ -352,3 +352,33 @@ async def test_after_the_back_off_one_request_at_a_time_probes_the_store(
         assert await env.store_timeouts() == 2
         assert await env.fallbacks("closed") == 1 + concurrent
         assert len(env.events("quota.degraded")) == 1
+
+
+async def test_a_refusal_made_by_the_local_fallback_is_not_held_against_the_recovered_store(
+    fault_env: FaultEnvFactory,
+) -> None:
+    """The local limiter is stricter (limit / replicas) than the store: once Redis answers
+    again, the store decides, not a refusal the fallback made."""
+    async with asyncio.timeout(FAULT_TEST_TIMEOUT):
+        env = await fault_env(hourly(10, on_store_error="local", replicas="2"))
+        env.proxy.blackhole(drop_abandoned=True)
+        statuses = [(await env.post()).status for _ in range(7)]
+        assert statuses == [201] * 5 + [429, 429]
+        # Each refusal was the local limiter's, not a remembered one.
+        assert await env.fallbacks("local") == 7
+
+        env.proxy.pass_through()
+        local_before = await env.fallbacks("local")
+        healed = len(env.replies)
+
+        async def admitted() -> bool:
+            return (await env.post()).status == 201
+
+        await eventually(admitted, "the recovered store to admit the organisation")
+        after = env.replies[healed:]
+        refused = [r for r in after if r.status == 429]
+        # Every refusal after the heal was the local limiter's, while the store was still
+        # skipped; none was a remembered local refusal standing in for the store.
+        assert await env.fallbacks("local") - local_before == len(refused)
+        assert after[-1].headers["RateLimit-Policy"] == '"hourly";q=10;w=3600'
+        assert await env.degraded() == 0

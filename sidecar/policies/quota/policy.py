@@ -189,7 +189,10 @@ class QuotaPolicy:
             return await call_next(request)
         self._count(request, caller, charges, admission)
         if not admission.allowed:
-            self._remember(charges, admission, loop_now)
+            # Only the store's refusals: the local fallback is stricter (limit / replicas),
+            # and its refusal must not outlive the outage it was made in.
+            if store is self._store:
+                self._remember(charges, admission, loop_now)
             return self._refused(request, charges, admission)
         refunds = shared.refunds if store is self._store else shared.local_refunds
         request.add_finisher(self._finisher(charges, admission, refunds))

@@ -214,21 +214,28 @@ async def test_a_slow_reply_times_out_only_its_caller_and_keeps_the_connection(
     store, observed = redis_stores(url=f"{redis_url}?client_name=slow-reply", timeout=2.0)
     assert await store.ping() > 0
     [connection] = named(raw_redis, "slow-reply")
+    # SPIN loaded first: were X and A both answered NOSCRIPT, their re-sends could reach
+    # Redis in either order, and A's 1.4 s would run before X.
+    assert await store.execute([ScriptCall(SPIN, (), (0,))]) == [1]
 
     # Redis runs them one after the other: X ends at ~1 s, A at ~2.4 s. (Wide margins:
     # other test runs may share the machine.)
     x = asyncio.create_task(store.execute([ScriptCall(SPIN, (), (1000,))]))
+    # A must reach Redis after X started running: commands read in one go are all run
+    # before any of their replies is flushed, so X's reply would wait for A's 1.4 s. A busy
+    # Redis answers nobody, so there is nothing to wait on but time.
+    await asyncio.sleep(0.2)
     a = asyncio.create_task(store.execute([ScriptCall(SPIN, (), (1400,))]))
     assert await x == [1]
     # B, sent at ~1 s, is answered once A's script ends (~2.4 s), within its timeout.
     b = asyncio.create_task(store.execute([ScriptCall(INCR_TTL, ("b",), (1, 60_000))]))
-    error = await expect_error(a)  # gives up at ~2 s, while B is in flight
+    error = await expect_error(a)  # gives up at ~2.2 s, while B is in flight
     assert error.kind == "timeout"
     assert await b == [1]
     assert await store.execute([ScriptCall(INCR_TTL, ("b",), (1, 60_000))]) == [2]
     assert named(raw_redis, "slow-reply") == [connection]
     kinds = [kind for label, _, kind in observed if label != "ping"]
-    assert sorted(kinds, key=str) == [None, None, None, "timeout"]
+    assert sorted(kinds, key=str) == [None, None, None, None, "timeout"]
 
 
 async def test_a_connection_silent_for_a_whole_timeout_is_dropped_and_redialled(

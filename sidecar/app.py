@@ -298,6 +298,7 @@ class Sidecar:
                 await task
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
+        await self.policy_state.aclose()  # sync loops stop before the last writes drain
         await self.background.drain(max(deadline + _LAST_WRITES_SECONDS - loop.time(), 0.1))
         # Bounded too: a WebSocket peer that reads nothing must not hold up the exit.
         with contextlib.suppress(TimeoutError):
@@ -369,6 +370,7 @@ class Sidecar:
             self.forwarder = forwarder
         self.holder.runtime = runtime
         self.policy_state.retain(route.name for route in config.routes)
+        self._spawn(self.policy_state.close_retired())
         self.reload_count += 1
         self.last_reload_error = None
         self.metrics.config_reloads.labels("success").inc()

@@ -140,6 +140,9 @@ class ProxyRequest:
     attempt_timeout: float | None = None
     # Whether a byte of the request may have reached the upstream (set by the forwarder).
     upstream_sent: bool = False
+    # Set by a policy that makes sending the request again harmless whatever its method
+    # (idempotency, holding the key's claim): the retry policy may then resend it.
+    retry_safe: bool = False
     # Time from sending the request upstream to its response headers (set by the forwarder).
     upstream_seconds: float | None = None
     # The trace this request belongs to (set by the tracing policy), for problem bodies.

@@ -93,6 +93,10 @@ QUOTA_COST_INVALID = Problem(
 QUOTA_UNAVAILABLE = Problem(
     "temporary-reduced-capacity", 503, "Limits cannot be checked right now; retry later"
 )
+CIRCUIT_OPEN = Problem(
+    "circuit-open", 503, "The app is failing; the sidecar answers for it until it recovers"
+)
+ROUTE_OVERLOADED = Problem("route-overloaded", 503, "Too many requests of this route are under way")
 
 CATALOGUE: tuple[Problem, ...] = (
     BAD_REQUEST,
@@ -123,6 +127,8 @@ CATALOGUE: tuple[Problem, ...] = (
     QUOTA_IN_FLIGHT,
     QUOTA_COST_INVALID,
     QUOTA_UNAVAILABLE,
+    CIRCUIT_OPEN,
+    ROUTE_OVERLOADED,
 )
 
 

@@ -177,6 +177,55 @@ class Metrics:
             registry=r,
             multiprocess_mode="mostrecent",
         )
+        self.circuit_state = Gauge(
+            "sidecar_circuit_state",
+            "A route's circuit breaker: 0 closed, 1 half-open, 2 open (with scope: route_org, "
+            "the worst of the route's organisations).",
+            ["route"],
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.circuit_transitions = Counter(
+            "sidecar_circuit_transitions",
+            "Circuit breaker state changes seen by this replica, by route, from and to.",
+            ["route", "from", "to"],
+            registry=r,
+        )
+        self.circuit_rejected = Counter(
+            "sidecar_circuit_rejected",
+            "Requests answered by the fallback because the breaker was open, half-open "
+            "without a probe permit, or ramping, by route.",
+            ["route"],
+            registry=r,
+        )
+        self.circuit_degraded = Gauge(
+            "sidecar_circuit_degraded",
+            "1 while a route's breakers decide on this replica's numbers alone because the "
+            "state store failed, else 0.",
+            ["route"],
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.retries = Counter(
+            "sidecar_retries",
+            "Attempts after the first, by route and the reason of the attempt before "
+            "(a status, or connect_error, timeout, reset).",
+            ["route", "reason"],
+            registry=r,
+        )
+        self.retry_budget_exhausted = Counter(
+            "sidecar_retry_budget_exhausted",
+            "Retries not made because the route's retry budget was spent, by route.",
+            ["route"],
+            registry=r,
+        )
+        self.bulkhead_rejected = Counter(
+            "sidecar_bulkhead_rejected",
+            "Requests refused at once (503) because max_in_flight requests of the route "
+            "were under way, by route.",
+            ["route"],
+            registry=r,
+        )
         self.spans_exported = Counter(
             "sidecar_spans_exported",
             "Spans accepted by the OTLP collector.",

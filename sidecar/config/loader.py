@@ -40,6 +40,7 @@ from sidecar.config.model import (
     UpstreamConfig,
 )
 from sidecar.config.raw import RawEntry, RawMap, RawNode, RawScalar, RawSeq, compose
+from sidecar.config.resilience import breaker_section, retry_section
 from sidecar.config.schema import (
     MISSING,
     Converter,
@@ -568,6 +569,9 @@ ROUTE_POLICIES: Schema = {
     "tracing": section(RouteTracing, ROUTE_TRACING),
     "idempotency": section(_idempotency, IDEMPOTENCY, _check_idempotency),
     "quotas": section(_quotas, QUOTAS, _check_quotas),
+    "circuit_breaker": breaker_section,
+    "retry": retry_section,
+    "max_in_flight": optional(integer(minimum=1)),
 }
 
 ROUTE: Schema = {

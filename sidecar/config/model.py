@@ -313,6 +313,92 @@ class QuotaConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SlowCallConfig:
+    """A call whose response headers take `threshold` or longer is slow; the breaker opens
+    when at least `rate` of the window's calls were slow."""
+
+    threshold: float = 2.0
+    rate: float = 0.8
+
+
+@dataclass(frozen=True, slots=True)
+class HalfOpenConfig:
+    # Requests let through to probe the app, across all replicas together.
+    probes: int = 5
+    # After the probes succeed, the share of traffic let through grows from 0 to all
+    # over this long (0: everything at once).
+    ramp: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class FallbackConfig:
+    """What an open breaker answers: a static response, another upstream, or (by default)
+    503 problem+json with Retry-After."""
+
+    status: int | None = None
+    headers: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    body: str = ""
+    # Another upstream that answers instead of the app (default connection settings).
+    upstream: UpstreamConfig | None = None
+
+    @property
+    def static(self) -> bool:
+        return self.status is not None
+
+
+# What a breaker counts as a failure by default: the app's 502/503/504, and a request the
+# sidecar could not complete because the app refused, timed out, reset or broke off.
+DEFAULT_BREAKER_FAILURES: frozenset[int | str] = frozenset(
+    {502, 503, 504, "connect_error", "timeout", "reset", "stream"}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerConfig:
+    """A circuit breaker on a route (docs/breakers.md): shared across replicas."""
+
+    # "route": one breaker for the route; "route_org": one per route and organisation.
+    scope: str = "route"
+    window: float = 10.0
+    min_requests: int = 20
+    failure_rate: float = 0.5
+    slow_call: SlowCallConfig | None = SlowCallConfig()
+    # Opens after this many failures in a row, whatever the rate (0: off).
+    consecutive_failures: int = 10
+    open_for: float = 5.0
+    max_open_for: float = 120.0
+    # Each open time is scaled by a random factor within ±jitter.
+    jitter: float = 0.15
+    half_open: HalfOpenConfig = HalfOpenConfig()
+    # App statuses and failure kinds (connect_error, timeout, reset, stream) that count.
+    failures: frozenset[int | str] = DEFAULT_BREAKER_FAILURES
+    fallback: FallbackConfig = FallbackConfig()
+    # How often a replica sends its counts to the store and learns the shared state.
+    flush_interval: float = 0.25
+    # False: each replica's breaker decides alone (the store is not used).
+    shared: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class RetryConfig:
+    """Retries of a failed attempt (docs/breakers.md#retries)."""
+
+    # Attempts in all, the first included.
+    attempts: int = 3
+    backoff: float = 0.05
+    max_backoff: float = 1.0
+    # App statuses and failure kinds (connect_error, timeout, reset) that are retried.
+    on: frozenset[int | str] = frozenset({"connect_error", 502, 503, 504})
+    # Retries may be at most this share of the route's requests over `budget_window`...
+    budget: float = 0.2
+    # ... but this many retries are always allowed (Envoy's min_retry_concurrency).
+    min_retries: int = 3
+    budget_window: float = 10.0
+    # Each attempt's own limit for the response headers (None: the route's timeout).
+    per_try_timeout: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class RouteConfig:
     name: str
     match: RouteMatch
@@ -332,6 +418,11 @@ class RouteConfig:
     tracing: RouteTracing = RouteTracing()
     idempotency: IdempotencyConfig | None = None
     quotas: QuotaConfig | None = None
+    circuit_breaker: BreakerConfig | None = None
+    retry: RetryConfig | None = None
+    # Requests under way on this route at once, per process; the next gets 503 at once
+    # instead of queueing (a bulkhead). None: no cap.
+    max_in_flight: int | None = None
     # The YAML line the route starts on, for messages.
     line: int = 0
 

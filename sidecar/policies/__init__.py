@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from sidecar.chain import Policy
 from sidecar.config import RouteConfig
-from sidecar.policies import body_limit, idempotency, tracing
+from sidecar.policies import body_limit, bulkhead, idempotency, retry, tracing
 from sidecar.policies.base import PolicyDeps, PolicyFactory, PolicyState
+from sidecar.policies.breaker import policy as breaker
 from sidecar.policies.quota import policy as quota
 
 __all__ = ["CHAIN_ORDER", "PolicyDeps", "PolicyFactory", "PolicyState", "build_policies"]
@@ -20,12 +21,17 @@ __all__ = ["CHAIN_ORDER", "PolicyDeps", "PolicyFactory", "PolicyState", "build_p
 # spends a store round trip on them; quotas refuse before the body is read (idempotency
 # reads it to fingerprint it), so a refused client never uploads it; a replay or another
 # answer of idempotency's that never reaches the app is refunded by the quota policy once
-# the response is sent. Breaker admission and retries go after idempotency.
+# the response is sent. Then the bulkhead (a replay never takes a slot), retries, and the
+# breaker inside them: it sees every attempt, and once open it stops the retries too; its
+# fallback is an answer of the sidecar, which idempotency never stores as the app's.
 CHAIN_ORDER: tuple[PolicyFactory, ...] = (
     tracing.build,
     body_limit.build,
     quota.build,
     idempotency.build,
+    bulkhead.build,
+    retry.build,
+    breaker.build,
 )
 
 

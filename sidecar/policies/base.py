@@ -29,21 +29,43 @@ class PolicyState:
 
     def __init__(self) -> None:
         self._entries: dict[tuple[str, str], tuple[Hashable, object]] = {}
+        # Replaced or forgotten state that runs something (a sync loop): closed later.
+        self._retired: list[object] = []
 
     def get(self, policy: str, route: str, settings: Hashable, create: Callable[[], T]) -> T:
         key = (policy, route)
         entry = self._entries.get(key)
         if entry is not None and entry[0] == settings:
             return cast(T, entry[1])
+        if entry is not None:
+            self._retired.append(entry[1])
         value = create()
         self._entries[key] = (settings, value)
         return value
+
+    def values(self, policy: str) -> list[object]:
+        """The current state objects of one policy, one per route (for the admin API)."""
+        return [value for (name, _), (_, value) in self._entries.items() if name == policy]
 
     def retain(self, routes: Iterable[str]) -> None:
         """Forget the state of routes the new config no longer has (after a reload)."""
         keep = set(routes)
         for key in [key for key in self._entries if key[1] not in keep]:
-            del self._entries[key]
+            self._retired.append(self._entries.pop(key)[1])
+
+    async def close_retired(self) -> None:
+        """Stop what replaced or forgotten state still runs (objects with `aclose`)."""
+        retired, self._retired = self._retired, []
+        for value in retired:
+            close = getattr(value, "aclose", None)
+            if close is not None:
+                await close()
+
+    async def aclose(self) -> None:
+        """At shutdown: stop what every state object runs."""
+        self._retired.extend(value for _, value in self._entries.values())
+        self._entries.clear()
+        await self.close_retired()
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -353,6 +353,8 @@ class IdempotencyPolicy:
         self, request: ProxyRequest, call_next: Next, claim: _Claim, claimed_at: float
     ) -> ProxyResponse:
         self._outcomes["claimed"].inc()
+        # The claim makes a resend harmless: the app fences on it, no other copy can run.
+        request.retry_safe = True
         if self._claim_header is not None:
             request.headers[self._claim_header] = claim.token
         renew = ScriptCall(RENEW, (claim.record,), (claim.token, self._lease_ms))

@@ -1,0 +1,1 @@
+"""The circuit breaker policy (docs/breakers.md)."""

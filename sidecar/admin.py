@@ -6,7 +6,9 @@ Readiness adds: config loaded, listener bound, not draining, upstream reachable.
 The state store is reported, and gates readiness only if `server.ready_requires_state`.
 
 The quota endpoints (`/quotas/{org}`, `/quotas/{org}/{limit}`) read an organisation's
-usage and set or remove its overrides. With `SIDECAR_ADMIN_TOKEN` set, all of them need
+usage and set or remove its overrides; the breaker endpoints (`/breakers`,
+`/breakers/{route}/open|close|reset`) list the circuit breakers and force one on every
+replica. With `SIDECAR_ADMIN_TOKEN` set, all of them need
 `Authorization: Bearer <token>`; without it, reads are open (the admin port is internal,
 like /metrics) and writes are refused. See docs/admin-api.md.
 """
@@ -33,6 +35,8 @@ from sidecar.errors import problem_response
 from sidecar.handler import new_request_id, valid_request_id
 from sidecar.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from sidecar.metrics import Metrics
+from sidecar.policies.base import PolicyState
+from sidecar.policies.breaker.admin import ACTIONS, BreakerAdmin, UnknownBreaker
 from sidecar.policies.quota.usage import QuotaAdmin, UnknownLimit
 from sidecar.relaying import app_url
 from sidecar.store import StateStore, StoreError
@@ -60,6 +64,9 @@ ADMIN_BODY_TOO_LARGE = Problem("admin-body-too-large", 413, "The admin request b
 ADMIN_STORE_UNAVAILABLE = Problem(
     "admin-store-unavailable", 503, "The state store is unavailable; retry later"
 )
+BREAKER_UNKNOWN = Problem(
+    "breaker-unknown", 404, "No route of the current config has this circuit breaker"
+)
 QUOTA_LIMIT_UNKNOWN = Problem(
     "quota-limit-unknown", 404, "No route of the current config has a limit of this name"
 )
@@ -75,7 +82,11 @@ ADMIN_PROBLEMS: tuple[Problem, ...] = (
     ADMIN_STORE_UNAVAILABLE,
     QUOTA_LIMIT_UNKNOWN,
     QUOTA_OVERRIDE_MISSING,
+    BREAKER_UNKNOWN,
 )
+# The admin paths behind the bearer token.
+_GUARDED = ("/quotas", "/breakers")
+BREAKER_ACTIONS = tuple(ACTIONS)
 
 
 class _FromEnv(enum.Enum):
@@ -181,6 +192,7 @@ class Admin:
         metrics: Metrics,
         *,
         admin_token: str | _FromEnv | None = FROM_ENV,
+        policy_state: PolicyState | None = None,
     ) -> None:
         if admin_token is FROM_ENV:
             admin_token = os.environ.get(ADMIN_TOKEN_ENV)
@@ -189,12 +201,13 @@ class Admin:
         self._status = status
         self._store = store
         self._metrics = metrics
+        self._policy_state = policy_state or PolicyState()
         self._upstream_probe = UpstreamProbe(lambda: status().config.upstream)
         self.upstream = CachedProbe(self._upstream_probe.check)
         self.store = CachedProbe(self._check_store)
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._guard_quotas])
+        app = web.Application(middlewares=[self._guard_api])
         app.router.add_get("/live", self.live)
         app.router.add_get("/ready", self.ready)
         app.router.add_get("/health", self.health)
@@ -202,6 +215,8 @@ class Admin:
         app.router.add_get("/quotas/{org}", self.quota_get)
         app.router.add_put("/quotas/{org}/{limit}", self.quota_put)
         app.router.add_delete("/quotas/{org}/{limit}", self.quota_delete)
+        app.router.add_get("/breakers", self.breakers_get)
+        app.router.add_post("/breakers/{route}/{action}", self.breaker_force)
         app.on_cleanup.append(self._close)
         return app
 
@@ -275,13 +290,13 @@ class Admin:
         return response
 
     @web.middleware
-    async def _guard_quotas(
+    async def _guard_api(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        """Every /quotas path (even one that matches no route) passes the token check first,
-        so an unauthenticated caller learns nothing about what exists."""
+        """Every /quotas and /breakers path (even one that matches nothing) passes the token
+        check first, so an unauthenticated caller learns nothing about what exists."""
         path = request.path
-        if path == "/quotas" or path.startswith("/quotas/"):
+        if any(path == base or path.startswith(base + "/") for base in _GUARDED):
             if self._token is not None:
                 if not self._authorized(request.headers.get("Authorization")):
                     response = _problem(request, ADMIN_UNAUTHORIZED)
@@ -350,6 +365,27 @@ class Admin:
             return _unknown_limit(request, limit)
         except StoreError as exc:
             return _store_down(request, exc)
+
+    async def breakers_get(self, request: web.Request) -> web.Response:
+        return _json(200, BreakerAdmin(self._policy_state).report())
+
+    async def breaker_force(self, request: web.Request) -> web.Response:
+        route, action = request.match_info["route"], request.match_info["action"]
+        if action not in BREAKER_ACTIONS:
+            return _problem(
+                request,
+                ADMIN_BAD_REQUEST,
+                f"the action must be one of {', '.join(BREAKER_ACTIONS)}, not {action!r}",
+            )
+        try:
+            forced = await BreakerAdmin(self._policy_state).force(
+                route, action, request.query.get("org")
+            )
+        except UnknownBreaker as exc:
+            return _problem(request, BREAKER_UNKNOWN, str(exc))
+        except StoreError as exc:
+            return _store_down(request, exc)
+        return _json(200, forced)
 
 
 async def _read_body(request: web.Request) -> bytes | None:

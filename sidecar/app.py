@@ -193,7 +193,9 @@ class Sidecar:
             reuse_port=self.reuse_port or None,
             backlog=1024,
         )
-        admin_app = Admin(self.status, self.store, self.metrics).app()
+        admin_app = Admin(
+            self.status, self.store, self.metrics, policy_state=self.policy_state
+        ).app()
         self._admin_runner = web.AppRunner(admin_app, access_log=None, handle_signals=False)
         await self._admin_runner.setup()
         admin = config.server.admin_listen

@@ -15,6 +15,8 @@ recorded once its body is complete: a body that breaks off midway is a `stream` 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -77,6 +79,7 @@ class _Attempt:
 class BreakerGroup:
     """A route's breakers and their sync loop: process state kept across reloads."""
 
+    route: str
     syncer: Syncer
     config: BreakerConfig
     # The alternate upstream a `fallback: {upstream: ...}` forwards to.
@@ -117,6 +120,9 @@ class BreakerPolicy:
         self._static_fallback = self._fallback_for(config, route)
         forwarder = self._group.fallback
         self._forward_fallback = forwarder.for_route(route) if forwarder else None
+        with contextlib.suppress(RuntimeError):  # no event loop yet: the first request starts it
+            asyncio.get_running_loop()
+            self._group.syncer.start()
 
     def _new_group(self, route: RouteConfig, deps: PolicyDeps) -> BreakerGroup:
         config = self._config
@@ -144,8 +150,12 @@ class BreakerPolicy:
             shared=config.shared,
         )
         upstream = config.fallback.upstream
-        group = BreakerGroup(syncer, config, Forwarder(upstream) if upstream else None)
+        group = BreakerGroup(route.name, syncer, config, Forwarder(upstream) if upstream else None)
         syncer.breakers = group.breakers
+        if config.scope == "route":
+            # It exists before any request, so it learns the shared state (a forced open)
+            # from the first sync on.
+            group.breakers[route.name] = Breaker.create(route.name, config)
         return group
 
     @property

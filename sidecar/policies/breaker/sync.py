@@ -205,7 +205,7 @@ def _sync(keyspace: MemoryKeyspace, keys: Sequence[str], argv: Sequence[ScriptAr
     total, failures, slow = sums
 
     def open_it(reason: int) -> None:
-        if now >= s["re"] + width * _BUCKETS:
+        if s["st"] == 0 and now >= s["re"] + width * _BUCKETS:
             s["trips"] = 0
         s["trips"] += 1
         base = min(open_for * 2 ** (s["trips"] - 1), max_open_for)
@@ -306,11 +306,13 @@ class Syncer:
             await self.sync_once()
 
     def _due(self, now: float) -> list[Breaker]:
-        """Breakers to sync: used within two windows, or not closed (the others idle)."""
+        """Breakers to sync: a route's own, and the per-organisation ones used within two
+        windows or not closed (the others are idle)."""
         due = []
         for breaker in self.breakers.values():
             if (
-                breaker.state is not State.CLOSED
+                breaker.config.scope == "route"
+                or breaker.state is not State.CLOSED
                 or breaker.shared.forced
                 or not breaker.pending.empty()
                 or now - breaker.last_used < 2 * breaker.config.window

@@ -107,8 +107,9 @@ for i = 2, #buckets, 2 do
 end
 
 local function open(reason)
-  -- Trips in a row double the open time; a ramp that ended a window ago starts afresh.
-  if now >= s.re + width * BUCKETS then
+  -- Trips in a row double the open time (failed probes are one more); a trip from a
+  -- closed state whose ramp ended a window ago starts afresh.
+  if s.st == 0 and now >= s.re + width * BUCKETS then
     s.trips = 0
   end
   s.trips = s.trips + 1

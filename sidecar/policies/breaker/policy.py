@@ -148,6 +148,9 @@ class BreakerPolicy:
             on_transition,
             on_degraded,
             shared=config.shared,
+            on_error=lambda error: log.event(
+                "breaker.sync_failed", "error", route=route.name, error=repr(error)
+            ),
         )
         upstream = config.fallback.upstream
         group = BreakerGroup(route.name, syncer, config, Forwarder(upstream) if upstream else None)

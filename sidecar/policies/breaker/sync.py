@@ -269,6 +269,7 @@ class Syncer:
         on_transition: OnTransition,
         on_degraded: OnDegraded,
         shared: bool,
+        on_error: Callable[[Exception], None] = lambda error: None,
     ) -> None:
         self.interval = interval
         self._store = store
@@ -276,6 +277,7 @@ class Syncer:
         self.on_transition = on_transition
         self._on_degraded = on_degraded
         self._shared = shared
+        self._on_error = on_error
         self.breakers: dict[str, Breaker] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -303,7 +305,10 @@ class Syncer:
                 async with asyncio.timeout(self.interval):
                     await self._wake.wait()
             self._wake.clear()
-            await self.sync_once()
+            try:
+                await self.sync_once()
+            except Exception as error:  # a bug must not end the loop every breaker needs
+                self._on_error(error)
 
     def _due(self, now: float) -> list[Breaker]:
         """Breakers to sync: a route's own, and the per-organisation ones used within two

@@ -102,7 +102,6 @@ class BreakerPolicy:
         self._slow_after = config.slow_call.threshold if config.slow_call else math.inf
         metrics = deps.metrics
         self._rejected = metrics.circuit_rejected.labels(route.name)
-        self._state_gauge = metrics.circuit_state.labels(route.name)
         settings = (
             config.scope,
             config.window,
@@ -128,13 +127,16 @@ class BreakerPolicy:
         config = self._config
         degraded = deps.metrics.circuit_degraded.labels(route.name)
         transitions = deps.metrics.circuit_transitions
+        state_gauge = deps.metrics.circuit_state.labels(route.name)
         log = deps.log
+        breakers: dict[str, Breaker] = {}
 
         def on_transition(breaker: Breaker, transition: Transition) -> None:
             transitions.labels(route.name, transition.before.name.lower(),
                                transition.after.name.lower()).inc()  # fmt: skip
             log.event("breaker.transition", "warning", **_fields(route.name, transition))
-            self._update_gauge()
+            # With one breaker per organisation, the gauge shows the worst of them.
+            state_gauge.set(max((b.state for b in breakers.values()), default=State.CLOSED))
 
         def on_degraded(is_degraded: bool) -> None:
             degraded.set(1 if is_degraded else 0)
@@ -153,8 +155,10 @@ class BreakerPolicy:
             ),
         )
         upstream = config.fallback.upstream
-        group = BreakerGroup(route.name, syncer, config, Forwarder(upstream) if upstream else None)
-        syncer.breakers = group.breakers
+        group = BreakerGroup(
+            route.name, syncer, config, Forwarder(upstream) if upstream else None, breakers
+        )
+        syncer.breakers = breakers
         if config.scope == "route":
             # It exists before any request, so it learns the shared state (a forced open)
             # from the first sync on.
@@ -164,10 +168,6 @@ class BreakerPolicy:
     @property
     def group(self) -> BreakerGroup:
         return self._group
-
-    def _update_gauge(self) -> None:
-        states = [breaker.state for breaker in self._group.breakers.values()]
-        self._state_gauge.set(max(states, default=State.CLOSED))
 
     def _breaker_for(self, request: ProxyRequest) -> Breaker:
         name = self._route

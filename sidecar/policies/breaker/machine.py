@@ -338,8 +338,9 @@ class Breaker:
             self.permits_at = unix_now()
         if shared.state is before.state:
             return None
-        if shared.state is not State.CLOSED or before.state is State.OPEN:
-            self._forget_calls()
+        # Every change starts the window afresh, as the shared one does: calls answered
+        # before a recovery must not reopen it after.
+        self._forget_calls()
         return Transition(
             self.name,
             before.state,

@@ -442,10 +442,14 @@ class _AttemptTimer:
         self._handle = None
         response = self._response
         if response is not None:
+            request = self._request
+            limit = f"{request.route.timeout:g}s"
+            if request.deadline is not None and self._loop.time() < request.deadline - 0.001:
+                limit = f"{request.attempt_timeout:g}s (the per-try timeout)"
             response.abandon(
                 UpstreamFailure(
                     Failure.TIMEOUT,
                     errors.UPSTREAM_TIMEOUT,
-                    f"no response from the upstream within {self._request.route.timeout:g}s",
+                    f"no response from the upstream within {limit}",
                 )
             )

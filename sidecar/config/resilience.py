@@ -154,6 +154,10 @@ def _check_breaker(config: BreakerConfig | None, node: RawMap, path: str, log: I
             join(path, "flush_interval"),
             "must be from 10ms to 5s",
         )
+    if config.slow_call is not None and config.slow_call.rate <= 0.0:
+        slow = node.entries.get("slow_call")
+        line = slow.value.line if slow is not None else node.line
+        log.add(line, join(path, "slow_call.rate"), "must be above 0 (0 would open on any call)")
     if config.failure_rate <= 0.0:
         log.add(
             entry_line(node, "failure_rate"),

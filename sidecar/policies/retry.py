@@ -69,7 +69,8 @@ class RetryBudget:
 
     def try_retry(self, share: float, minimum: int) -> bool:
         requests, retries = self._sums()
-        if retries >= max(minimum, share * requests):
+        # Granting this one must keep retries within the cap.
+        if retries + 1 > max(minimum, share * requests):
             return False
         self._bucket()[1] += 1
         return True
@@ -122,6 +123,8 @@ class RetryPolicy:
     def _reason(self, response: ProxyResponse) -> int | str | None:
         """What makes this answer retryable (as `on` names it), or None."""
         on = self._config.on
+        if response.origin is Origin.FALLBACK:
+            return None  # an open breaker's answer: trying again meets the breaker again
         failure = response.failure
         if failure is not None:
             name = _KIND_NAMES.get(failure.kind)

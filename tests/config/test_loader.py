@@ -343,10 +343,13 @@ def test_shipped_configs_load_cleanly(name: str) -> None:
 
 
 def test_example_config_uses_every_key() -> None:
+    from sidecar.config.resilience import BREAKER, FALLBACK, HALF_OPEN, RETRY, SLOW_CALL
+
     text = (REPO / "config" / "sidecar.example.yaml").read_text()
     schemas = (
         *(SECTIONS, SERVER, UPSTREAM, STATE, IDENTITY, LOGGING, ACCESS_LOG, ROUTE, MATCH),
         *(TRACING, B3, SPAN_EXPORT, ROUTE_TRACING, IDEMPOTENCY),
+        *(BREAKER, SLOW_CALL, HALF_OPEN, FALLBACK, RETRY),
     )
     keys = {"defaults", "routes"}.union(*schemas)
     written = set(re.findall(r"(?:^\s*(?:- )?|[{ ])([a-z_][a-z0-9_]*):", text, re.MULTILINE))

@@ -221,7 +221,9 @@ class Breaker:
     def retry_after(self, now: float) -> int:
         """Seconds until a request may pass again, at least 1 (for Retry-After)."""
         shared = self.shared
-        if shared.state is State.OPEN and shared.forced != "open":
+        if shared.forced == "open":
+            return max(1, math.ceil(self.config.open_for))  # until an operator says
+        if shared.state is State.OPEN:
             return max(1, math.ceil(shared.until - now))
         return max(1, math.ceil(self.config.flush_interval))
 

@@ -304,8 +304,8 @@ class BreakerPolicy:
             response = errors.problem_for(
                 errors.CIRCUIT_OPEN,
                 request,
-                f"the circuit breaker of route {self._route!r} is"
-                f" {breaker.state.name.lower().replace('_', '-')}; retry in {retry_after}s",
+                f"the circuit breaker of route {self._route!r} is {_condition(breaker, now)};"
+                f" retry in {retry_after}s",
                 None,
                 route=self._route,
             )
@@ -325,6 +325,15 @@ class BreakerPolicy:
         response = await self._forward_fallback(request)
         response.origin = Origin.FALLBACK
         return response
+
+
+def _condition(breaker: Breaker, now: float) -> str:
+    shared = breaker.shared
+    if shared.forced == "open":
+        return "forced open"
+    if shared.state is State.CLOSED:
+        return "ramping traffic back after a recovery"
+    return shared.state.name.lower().replace("_", "-")
 
 
 def _fields(route: str, transition: Transition) -> dict[str, object]:

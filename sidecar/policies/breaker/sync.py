@@ -85,6 +85,27 @@ def sync_call(breaker: Breaker, report: Pending) -> ScriptCall:
     return ScriptCall(SYNC, state_keys(breaker.name), args)
 
 
+def seed_call(breaker: Breaker) -> ScriptCall:
+    """The state this replica last saw, for the in-process store it falls back to."""
+    shared = breaker.shared
+    now = unix_now()
+
+    def ms(seconds: float) -> int:
+        return int(seconds * 1000)
+
+    args: tuple[ScriptArg, ...] = (
+        "seed",
+        int(shared.state),
+        max(0, ms(shared.until - now)),
+        shared.trips,
+        _FORCED.index(shared.forced),
+        _REASON_CODES[shared.reason],
+        max(0, ms(now - shared.ramp_start)) if shared.ramp_start else ms(now),
+        ms(shared.ramp_end - now) if shared.ramp_end else -ms(now),
+    )
+    return ScriptCall(SYNC, state_keys(breaker.name), args)
+
+
 def force_call(name: str, action: str) -> ScriptCall:
     return ScriptCall(SYNC, state_keys(name), ("force", action))
 
@@ -172,6 +193,15 @@ def _sync(keyspace: MemoryKeyspace, keys: Sequence[str], argv: Sequence[ScriptAr
         else:
             s.update(st=0, forced=0, why=8, trips=0, rs=0, re=0)
             keyspace.delete(window_key)
+        return save(0, 0, 0, 0)
+
+    if _text(argv[0]) == "seed":
+        st, until, trips, forced, why, since, until_ramp = (int(_num(v)) for v in argv[1:8])
+        s.update(st=st, until=now + until, trips=trips, forced=forced, why=why)
+        s.update(rs=now - since, re=now + until_ramp, permits=0, ok=0, fail=0, hs=now)
+        s["v"] += 1
+        if s["st"] == 1:
+            s.update(st=2, until=now)  # half-open again at the next sync, with fresh permits
         return save(0, 0, 0, 0)
 
     width = int(_num(argv[1]))
@@ -334,7 +364,7 @@ class Syncer:
         calls = [
             sync_call(breaker, report) for breaker, report in zip(breakers, reports, strict=True)
         ]
-        replies = await self._execute(calls)
+        replies = await self._execute(calls, breakers)
         if replies is None:
             for breaker, report in zip(breakers, reports, strict=True):
                 breaker.restore(report)
@@ -348,13 +378,19 @@ class Syncer:
             if transition is not None:
                 self.on_transition(breaker, transition)
 
-    async def _execute(self, calls: list[ScriptCall]) -> list[object] | None:
-        """Replies from the store, or from the local one while the store is down."""
+    async def _execute(
+        self, calls: list[ScriptCall], breakers: Sequence[Breaker]
+    ) -> list[object] | None:
+        """Replies from the store, or from the local one while the store is down (which
+        starts from the state this replica last saw, not from its own stale copy)."""
         loop = asyncio.get_running_loop()
         if self._shared and (not self.degraded or loop.time() >= self._retry_at):
             try:
                 replies = await self._store.execute(calls)
             except StoreError:
+                if not self.degraded:
+                    with contextlib.suppress(StoreError):
+                        await self._local.execute([seed_call(b) for b in breakers])
                 self._set_degraded(True)
                 self._retry_at = loop.time() + self._retry_wait
                 self._retry_wait = min(self._retry_wait * 2, _RETRY_MAX)

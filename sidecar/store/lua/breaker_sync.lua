@@ -8,6 +8,9 @@
 --         (0 none, 1 open, 2 closed), why (reason code); times in Unix ms (Redis TIME)
 -- KEYS[2] window hash: ten buckets b<i> = "number total failures slow"
 --
+-- seed ARGV (for the in-process store a replica falls back to): 2 st, 3 ms until the
+--   open time ends, 4 trips, 5 forced, 6 why, 7 ms since the ramp started, 8 ms until it
+--   ends: the state as the replica last saw it, so an outage does not reset it.
 -- sync ARGV: 2 bucket width ms, 3 min_requests, 4 failure_rate, 5 slow rate (-1: none),
 --   6 open_for ms, 7 max_open_for ms, 8 jitter factor, 9 probes, 10 ramp ms,
 --   11 probe timeout ms, 12 total, 13 failures, 14 slow, 15 trip reason code (0: none),
@@ -59,6 +62,17 @@ if ARGV[1] == 'force' then
   else
     s.st, s.forced, s.why, s.trips, s.rs, s.re = 0, 0, 8, 0, 0, 0
     clear_window()
+  end
+  return save(0, 0, 0, 0)
+end
+
+if ARGV[1] == 'seed' then
+  s.st, s.untl, s.trips = tonumber(ARGV[2]), now + tonumber(ARGV[3]), tonumber(ARGV[4])
+  s.forced, s.why = tonumber(ARGV[5]), tonumber(ARGV[6])
+  s.rs, s.re = now - tonumber(ARGV[7]), now + tonumber(ARGV[8])
+  s.permits, s.ok, s.fail, s.hs, s.v = 0, 0, 0, now, s.v + 1
+  if s.st == 1 then
+    s.st, s.untl = 2, now  -- half-open again at the next sync, with fresh permits
   end
   return save(0, 0, 0, 0)
 end

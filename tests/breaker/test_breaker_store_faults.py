@@ -120,4 +120,3 @@ async def test_with_redis_down_the_breaker_decides_locally_and_no_request_waits(
         # The store is retried with back-off (0.5 s, doubling to 10 s).
         await eventually(recovered, "the breaker to return to the store", 15.0)
         assert len(env.events("breaker.store_recovered")) == 1
-

@@ -20,6 +20,7 @@ from sidecar.config.model import HalfOpenConfig, SlowCallConfig, StateConfig
 from sidecar.policies.breaker.machine import Breaker, Pending, Shared, State, unix_now
 from sidecar.policies.breaker.sync import (
     SYNC,
+    Syncer,
     decode_reply,
     force_call,
     state_keys,
@@ -414,3 +415,21 @@ async def test_a_hand_built_call_is_the_same_script(env: Env) -> None:
     assert reply[UNTIL] - reply[NOW] == 500
     shared, granted = decode_reply(reply)
     assert isinstance(shared, Shared) and shared.state is State.OPEN and granted == 0
+
+
+async def test_idle_per_organisation_breakers_are_dropped_and_the_route_breaker_kept() -> None:
+    """Organisation names come from a request header: an idle closed one is forgotten."""
+    per_org = config(scope="route_org", window=1.0)
+    syncer = Syncer(0.05, MemoryStore(), MemoryStore(), lambda b, t: None, lambda d: None, True)
+    now = unix_now()
+    idle, busy, opened = (Breaker.create(f"r/{org}", per_org) for org in ("idle", "busy", "open"))
+    idle.last_used = now - 2.5  # more than two windows ago, closed, nothing to report
+    busy.last_used = now
+    opened.last_used = now - 2.5
+    opened.shared.state = State.OPEN
+    route = Breaker.create("q", config(window=1.0))
+    route.last_used = now - 60.0
+    syncer.breakers.update({b.name: b for b in (idle, busy, opened, route)})
+    await syncer.sync_once()
+    assert sorted(syncer.breakers) == ["q", "r/busy", "r/open"]
+    await syncer.aclose()

@@ -280,6 +280,19 @@ def _sync(keyspace: MemoryKeyspace, keys: Sequence[str], argv: Sequence[ScriptAr
 SYNC = Script.from_package("breaker_sync", _sync)
 
 
+def _idle(breaker: Breaker, now: float) -> bool:
+    return (
+        breaker.config.scope == "route_org"
+        and breaker.state is State.CLOSED
+        and not breaker.shared.forced
+        and breaker.pending.empty()
+        and breaker.permits == 0
+        and breaker.in_flight_probes == 0
+        and now - breaker.last_used >= 2 * breaker.config.window
+        and now >= breaker.shared.ramp_end
+    )
+
+
 # -- the loop -------------------------------------------------------------------------------
 
 OnTransition = Callable[[Breaker, Transition], None]
@@ -341,17 +354,14 @@ class Syncer:
                 self._on_error(error)
 
     def _due(self, now: float) -> list[Breaker]:
-        """Breakers to sync: a route's own, and the per-organisation ones used within two
-        windows or not closed (the others are idle)."""
+        """Breakers to sync: every one but the idle per-organisation ones, which are
+        dropped (their names come from a request header: keeping every one would grow
+        without bound, and an idle closed one has nothing to tell or learn)."""
         due = []
-        for breaker in self.breakers.values():
-            if (
-                breaker.config.scope == "route"
-                or breaker.state is not State.CLOSED
-                or breaker.shared.forced
-                or not breaker.pending.empty()
-                or now - breaker.last_used < 2 * breaker.config.window
-            ):
+        for name, breaker in list(self.breakers.items()):
+            if _idle(breaker, now):
+                del self.breakers[name]
+            else:
                 due.append(breaker)
         return due
 

@@ -120,3 +120,30 @@ async def test_with_redis_down_the_breaker_decides_locally_and_no_request_waits(
         # The store is retried with back-off (0.5 s, doubling to 10 s).
         await eventually(recovered, "the breaker to return to the store", 15.0)
         assert len(env.events("breaker.store_recovered")) == 1
+
+
+async def test_an_open_breaker_stays_open_when_redis_goes_down(env: Env) -> None:
+    async with asyncio.timeout(TEST_TIMEOUT):
+        env.app.status = 503
+        assert [(await env.get())[0] for _ in range(5)] == [503] * 5
+        assert env.app.calls == 5
+
+        async def the_store_knows() -> bool:
+            async with env.session.get(env.sidecar.admin_url + "/breakers") as response:
+                [breaker] = (await response.json())["breakers"]
+            return bool(breaker["state"] == "open" and breaker["version"] >= 1)
+
+        # Opened here, and the shared state has taken it (a version comes from the store
+        # only): nothing is left to tell it.
+        await eventually(the_store_knows, "the store to take the opened breaker", 5.0)
+        env.proxy.blackhole(drop_abandoned=True)
+
+        async def degraded() -> bool:
+            return await env.degraded() == 1
+
+        await eventually(degraded, "the breaker to report the store degraded", 10.0)
+        # The in-process store starts from what this replica last saw: still open.
+        assert [(await env.get())[0] for _ in range(5)] == [503] * 5
+        assert env.app.calls == 5, "the outage closed an open breaker"
+        transitions = [(e["from"], e["to"]) for e in env.events("breaker.transition")]
+        assert transitions == [("closed", "open")]

@@ -68,6 +68,17 @@ class Failure:
     # Kinds that prove no request byte reached the upstream: always safe to try again.
     NOT_SENT = frozenset({CONNECT, CONNECT_TIMEOUT, POOL})
 
+    # The app's failures as `circuit_breaker.failures` and `retry.on` name them. A pool
+    # timeout is the sidecar's own congestion, not the app's: a retry may add it.
+    CONFIG_NAMES = {
+        CONNECT: "connect_error",
+        CONNECT_TIMEOUT: "connect_error",
+        TIMEOUT: "timeout",
+        RESET: "reset",
+        BAD_RESPONSE: "reset",
+        STREAM: "stream",
+    }
+
 
 @dataclass(frozen=True, slots=True)
 class Outcome:

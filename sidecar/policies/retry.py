@@ -25,16 +25,9 @@ from sidecar.config import RetryConfig, RouteConfig
 from sidecar.policies.base import PolicyDeps
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
-# The forwarder's failure kinds, as `on` names them (a broken stream is never retried:
-# its head has gone to the client).
-_KIND_NAMES = {
-    Failure.CONNECT: "connect_error",
-    Failure.CONNECT_TIMEOUT: "connect_error",
-    Failure.POOL: "connect_error",
-    Failure.TIMEOUT: "timeout",
-    Failure.RESET: "reset",
-    Failure.BAD_RESPONSE: "reset",
-}
+# The failure kinds `on` can name ("stream" is refused by the config: a broken stream's
+# head has gone to the client); no free pooled connection is as safe as a failed connect.
+_KIND_NAMES = {**Failure.CONFIG_NAMES, Failure.POOL: "connect_error"}
 _BUCKETS = 10
 
 

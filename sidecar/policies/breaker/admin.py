@@ -55,12 +55,10 @@ class BreakerAdmin:
 def _describe(breaker: Breaker, syncer: Syncer, now: float) -> dict[str, object]:
     shared = breaker.shared
     breaker.window.refresh(now)
-    next_transition: dict[str, object] | None = None
-    if shared.forced:
-        next_transition = None
-    elif shared.state is State.OPEN:
+    next_transition: dict[str, object] | None = None  # a forced state never ends by itself
+    if shared.forced == "" and shared.state is State.OPEN:
         next_transition = {"to": "half_open", "in_seconds": round(max(0.0, shared.until - now), 3)}
-    elif shared.state is State.CLOSED and now < shared.ramp_end:
+    elif shared.forced == "" and shared.state is State.CLOSED and now < shared.ramp_end:
         next_transition = {"ramp_ends_in_seconds": round(shared.ramp_end - now, 3)}
     return {
         "name": breaker.name,

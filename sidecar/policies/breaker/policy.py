@@ -51,15 +51,6 @@ from sidecar.policies.breaker.sync import Syncer
 from sidecar.store import MemoryStore
 from sidecar.upstream import Forwarder
 
-# The failure kinds of the forwarder, as the breaker's and the retry's configs name them.
-FAILURE_NAMES = {
-    Failure.CONNECT: "connect_error",
-    Failure.CONNECT_TIMEOUT: "connect_error",
-    Failure.TIMEOUT: "timeout",
-    Failure.RESET: "reset",
-    Failure.BAD_RESPONSE: "reset",
-    Failure.STREAM: "stream",
-}
 _ATTEMPT = web.RequestKey("sidecar.breaker_attempt", object)
 # With scope: route_org, a request without an organisation shares this breaker.
 _NO_ORG = "-"
@@ -165,10 +156,6 @@ class BreakerPolicy:
             group.breakers[route.name] = Breaker.create(route.name, config)
         return group
 
-    @property
-    def group(self) -> BreakerGroup:
-        return self._group
-
     def _breaker_for(self, request: ProxyRequest) -> Breaker:
         name = self._route
         if self._identity is not None:
@@ -215,7 +202,7 @@ class BreakerPolicy:
         slow = (seconds if seconds is not None else elapsed) >= self._slow_after
         failure = response.failure
         if failure is not None:
-            name = FAILURE_NAMES.get(failure.kind)
+            name = Failure.CONFIG_NAMES.get(failure.kind)
             listed = name is not None and name in self._failures
             result = CallResult.FAILURE if listed else CallResult.IGNORED
             slow = slow or failure.kind == Failure.TIMEOUT

@@ -612,6 +612,7 @@ def probe(phase: Phase, target: Target) -> Probe:
         ours=phase.everything(),
         redis_port=phase.ports.redis if phase.redis else None,
         uses_store=target.state == "redis",
+        admin_port=phase.ports.proxies[target.name][1] if target.kind == "sidecar" else None,
     )
 
 

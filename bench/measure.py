@@ -18,7 +18,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from services import RUN_DIR, Started, redis_total_calls, start_time
+from services import (
+    RUN_DIR,
+    Started,
+    redis_total_calls,
+    sidecar_latency_path_operations,
+    start_time,
+)
 from targets import BENCH_DIR
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -184,6 +190,8 @@ class RunRecord:
     backend_cpu_us_per_req: float | None
     store_cmds_per_req: float | None
     store_scripts_per_req: float | None
+    # Of those, the ones a request waits for (the sidecar's own count by operation).
+    latency_path_scripts_per_req: float | None
     # CPU used on the machine by processes that are not part of the benchmark, in % of one
     # core over the run: other people's test suites on a shared machine show up here.
     other_cpu_pct: float | None
@@ -205,6 +213,8 @@ class Probe:
     redis_port: int | None = None
     # Store commands count only for targets whose sidecar talks to Redis.
     uses_store: bool = False
+    # The sidecar's admin port, to read which store operations were on the latency path.
+    admin_port: int | None = None
 
 
 def measured_run(
@@ -224,9 +234,12 @@ def measured_run(
     wall0 = time.monotonic()
     counts_store = bool(probe.uses_store and probe.redis_port)
     store0, scripts0 = redis_total_calls(probe.redis_port) if counts_store else (0, 0)
+    counts_path = counts_store and probe.admin_port is not None
+    path0 = sidecar_latency_path_operations(probe.admin_port) if counts_path else 0
     result = run_wrk(url, script, connections, threads, seconds, cpus)
     store1, scripts1 = redis_total_calls(probe.redis_port) if counts_store else (0, 0)
-    store, scripts = store1 - store0, scripts1 - scripts0
+    path1 = sidecar_latency_path_operations(probe.admin_port) if counts_path else 0
+    store, scripts, on_path = store1 - store0, scripts1 - scripts0, path1 - path0
     proxy_s = proxy0.seconds_until(CpuSnapshot.take(proxy_pids)) if proxy_pids else None
     backend_s = backend0.seconds_until(CpuSnapshot.take(backend_pids))
     ours_s = ours0.seconds_until(CpuSnapshot.take(our_pids))
@@ -239,6 +252,7 @@ def measured_run(
         "backend_cpu_us_per_req": None if backend_s is None else round(backend_s * 1e6 / n, 2),
         "store_cmds_per_req": round(store / n, 3),
         "store_scripts_per_req": round(scripts / n, 3),
+        "latency_path_scripts_per_req": round(on_path / n, 3) if counts_path else None,
         "other_cpu_pct": None if other is None else round(100 * other, 1),
     }
     return result, figures

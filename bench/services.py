@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -607,6 +608,41 @@ def redis_total_calls(port: int) -> tuple[int, int]:
                 if name in SCRIPT_COMMANDS:
                     scripts += int(value)
     return total, scripts
+
+
+# Store operations the sidecar sends after the response, in the background (an idempotency
+# outcome, a refund, a lease renewal, a breaker's count flush): off the latency path. Every
+# other operation counts as one a request waits for, so a new script is counted until it is
+# named here.
+OFF_PATH_OPERATIONS = frozenset(
+    {
+        "idempotency_finish",
+        "idempotency_release",
+        "idempotency_renew",
+        "quota_refund",
+        "breaker_sync",
+    }
+)
+_STORE_COUNT = "sidecar_store_request_duration_seconds_count{"
+
+
+def sidecar_latency_path_operations(admin_port: int) -> int:
+    """Store operations a sidecar has sent that requests wait for, from its own /metrics.
+
+    A batch ("a+b") counts once, as one round trip, unless all of its scripts are off-path.
+    """
+    url = f"http://127.0.0.1:{admin_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    total = 0
+    for line in text.splitlines():
+        if not line.startswith(_STORE_COUNT):
+            continue
+        labels, _, value = line[len(_STORE_COUNT) :].partition("} ")
+        operation = labels.partition('operation="')[2].partition('"')[0]
+        if operation != "ping" and not set(operation.split("+")) <= OFF_PATH_OPERATIONS:
+            total += int(float(value))
+    return total
 
 
 @contextlib.contextmanager

@@ -84,6 +84,9 @@ ADMIN_PROBLEMS: tuple[Problem, ...] = (
     QUOTA_OVERRIDE_MISSING,
     BREAKER_UNKNOWN,
 )
+# The checks `/ready?exclude=...` may leave out (kube-apiserver's /readyz convention): a
+# native sidecar's startup probe excludes the upstream, since the app starts only after it.
+READY_EXCLUDABLE = frozenset({"upstream", "state"})
 # The admin paths behind the bearer token.
 _GUARDED = ("/quotas", "/breakers")
 BREAKER_ACTIONS = tuple(ACTIONS)
@@ -145,6 +148,10 @@ class CachedProbe:
         now = time.monotonic()
         self._last = ProbeResult(ok, detail, now - started if ok else None, now)
         return self._last
+
+
+async def _skipped() -> ProbeResult:
+    return ProbeResult(True, "not checked", None, time.monotonic())
 
 
 class UpstreamProbe:
@@ -234,23 +241,44 @@ class Admin:
         return _json(200, {"status": "alive"})
 
     async def ready(self, request: web.Request) -> web.Response:
-        reasons = await self._not_ready_reasons(self._status())
+        excluded = frozenset(request.query.getall("exclude", ()))
+        unknown = sorted(excluded - READY_EXCLUDABLE)
+        if unknown:
+            detail = (
+                f"exclude={','.join(unknown)}: /ready can exclude only "
+                f"{', '.join(sorted(READY_EXCLUDABLE))}"
+            )
+            return _problem(request, ADMIN_BAD_REQUEST, detail)
+        reasons = await self._not_ready_reasons(self._status(), excluded=excluded)
         if reasons:
             return _json(503, {"status": "not ready", "reasons": reasons})
         return _json(200, {"status": "ready"})
 
     async def _not_ready_reasons(
-        self, status: Status, probes: tuple[ProbeResult, ProbeResult] | None = None
+        self,
+        status: Status,
+        probes: tuple[ProbeResult, ProbeResult] | None = None,
+        *,
+        excluded: frozenset[str] = frozenset(),
     ) -> list[str]:
         reasons = []
         if status.draining:
             reasons.append("draining")
         if not status.listening:
             reasons.append("listener not bound")
-        upstream, store = probes or await self._probes()
-        if not upstream.ok:
+        check_upstream = "upstream" not in excluded
+        check_store = status.config.server.ready_requires_state and "state" not in excluded
+        if probes is None:
+            # Only what is checked is probed: a startup probe must not dial the app.
+            upstream, store = await asyncio.gather(
+                self.upstream.result() if check_upstream else _skipped(),
+                self.store.result() if check_store else _skipped(),
+            )
+        else:
+            upstream, store = probes
+        if check_upstream and not upstream.ok:
             reasons.append(f"upstream unreachable: {upstream.detail}")
-        if status.config.server.ready_requires_state and not store.ok:
+        if check_store and not store.ok:
             reasons.append(f"state store unavailable: {store.detail}")
         return reasons
 

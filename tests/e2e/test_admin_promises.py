@@ -121,6 +121,40 @@ async def test_health_path_is_probed_with_a_get_and_a_status_below_500_is_ready(
     assert health_body["upstream"]["detail"] == f"GET /healthz -> {app_status}"
 
 
+async def test_ready_excluding_the_upstream_is_200_before_the_app_listens() -> None:
+    """`?exclude=upstream` is the startup probe of a native sidecar: the kubelet starts the
+    app only once it passes, so it must not wait for the app (kube-apiserver's `/readyz`
+    takes `exclude` the same way)."""
+    async with asyncio.timeout(TEST_TIMEOUT), run_sidecar(sidecar_config(closed_url())) as sc:
+        assert (await admin_get(sc, "/ready"))[0] == 503
+        status, body = await admin_get(sc, "/ready?exclude=upstream")
+        assert (status, body) == (200, {"status": "ready"})
+        # A typo in a probe must fail loudly, not check less than it says.
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(sc.admin_url + "/ready?exclude=upstrem") as response,
+        ):
+            assert response.status == 400
+            assert response.content_type == "application/problem+json"
+            problem = await response.json()
+        assert "upstrem" in problem["detail"] and "upstream" in problem["detail"]
+
+
+async def test_ready_excluding_the_upstream_still_checks_the_store_when_required(
+    redis_url: str,
+) -> None:
+    nobody = f"redis://127.0.0.1:{free_port()}/0"
+    async with asyncio.timeout(TEST_TIMEOUT):
+        config = sidecar_config(closed_url(), state_yaml(nobody, requires=True))
+        async with run_sidecar(config) as sc:
+            status, body = await admin_get(sc, "/ready?exclude=upstream")
+            assert status == 503
+            (reason,) = body["reasons"]
+            assert reason.startswith("state store unavailable")
+            both = "/ready?exclude=upstream&exclude=state"
+            assert await admin_get(sc, both) == (200, {"status": "ready"})
+
+
 # --- /ready and the state store ---------------------------------------------------------------
 
 

@@ -348,8 +348,7 @@ def _sentinel_client(url: SentinelURL, config: StateConfig) -> tuple[Redis, Sent
     if url.sentinel_password is not None:
         sentinel_options["password"] = url.sentinel_password
         sentinel_options["username"] = url.sentinel_username
-    # redis-py leaves Sentinel.__init__ unannotated.
-    sentinel = Sentinel(url.sentinels, sentinel_kwargs=sentinel_options)  # type: ignore[no-untyped-call]
+    sentinel = Sentinel(url.sentinels, sentinel_kwargs=sentinel_options)
     # The URL's userinfo authenticates to the master, as it does in a redis:// URL.
     client = sentinel.master_for(
         url.service,

@@ -46,6 +46,7 @@ from redis.exceptions import (
     DataError,
     ExecAbortError,
     MasterDownError,
+    MaxClientsReachedError,
     MovedError,
     NoPermissionError,
     NoScriptError,
@@ -84,7 +85,7 @@ _ERROR_CLASSES: dict[str, type[RedisError]] = {
 }
 # "ERR" replies are ResponseError, except these, told apart by their exact text.
 _ERR_CLASSES: dict[str, type[RedisError]] = {
-    "max number of clients reached": ConnectionError,
+    "max number of clients reached": MaxClientsReachedError,  # a ConnectionError
     "invalid password": AuthenticationError,
     "wrong number of arguments for 'auth' command": AuthenticationWrongNumberOfArgsError,
     "wrong number of arguments for 'AUTH' command": AuthenticationWrongNumberOfArgsError,

@@ -21,7 +21,7 @@ from redis.exceptions import (
     AuthenticationError,
     BusyLoadingError,
     ClusterDownError,
-    ConnectionError,
+    MaxClientsReachedError,
     MovedError,
     NoPermissionError,
     NoScriptError,
@@ -531,7 +531,11 @@ def test_a_rejected_option_is_a_config_error_at_its_line(tmp_path: Path) -> None
         ("MOVED 3999 127.0.0.1:6381", MovedError, "3999 127.0.0.1:6381"),
         ("ASK 3999 127.0.0.1:6381", AskError, None),
         ("MOVED garbage", ResponseError, "MOVED garbage"),  # malformed: never raises
-        ("ERR max number of clients reached", ConnectionError, "max number of clients reached"),
+        (
+            "ERR max number of clients reached",
+            MaxClientsReachedError,  # a ConnectionError: the store is unavailable
+            "max number of clients reached",
+        ),
         (
             "ERR user_script:1: Script attempted to access nonexistent global",
             ResponseError,

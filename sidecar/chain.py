@@ -164,6 +164,8 @@ class ProxyRequest:
     span_events: list[SpanEvent] | None = None
     # Called with the request's Outcome once the response is completely sent or abandoned.
     finishers: list[Finisher] | None = None
+    # Set by the core once the response is completely sent or abandoned (the finishers ran).
+    finished: bool = False
     # Response body bytes written to the client so far.
     bytes_sent: int = 0
     # Request body bytes read from the client so far.
@@ -175,6 +177,15 @@ class ProxyRequest:
         if self.finishers is None:
             self.finishers = []
         self.finishers.append(finish)
+
+    def after_response(self, work: Callable[[], object]) -> None:
+        """Run `work` once the response is completely sent or abandoned, or at once if it
+        already is: what the answer does not wait for (a store write of its outcome) is
+        then done after its bytes went out, not before them."""
+        if self.finished:
+            work()
+        else:
+            self.add_finisher(partial(_run_after_response, work))
 
     @property
     def chunked(self) -> bool:
@@ -452,3 +463,7 @@ def build_chain(policies: Sequence[Policy], terminal: Next) -> Next:
     for policy in reversed(policies):
         chain = partial(policy, call_next=chain)
     return chain
+
+
+def _run_after_response(work: Callable[[], object], _outcome: Outcome) -> None:
+    work()

@@ -254,6 +254,7 @@ class ProxyHandler:
         metrics.count_request(request.method, status)
         duration = time.perf_counter() - started
         metrics.duration.observe(duration)
+        request.finished = True
         if request.finishers is not None:
             self._finish(request, response, status, failure, duration)
         self._access(runtime, request, status, duration)

@@ -423,7 +423,11 @@ class IdempotencyPolicy:
             for name, value in response.headers.items()
             if name.lower() in REPLAYED_HEADERS
         ]
-        self._background.spawn(self._finish(request, claim, lease, response.status, kept, body))
+        status = response.status
+        # Stored once the response went out: the client does not wait for this write.
+        request.after_response(
+            lambda: self._background.spawn(self._finish(request, claim, lease, status, kept, body))
+        )
         return response
 
     def _released(self, status: int) -> bool:

@@ -236,8 +236,17 @@ def test_metric_names_finds_selected_metrics_only() -> None:
     assert metric_names(expr) == {"a_total", "b:c:ratio", "d", "e"}
 
 
+# Series of other exporters the rules read, with their labels: Prometheus' own `up` of
+# each target (the PodMonitor's labels), and kube-state-metrics' restart counters.
+EXTERNAL_METRICS = {
+    "up": set(),
+    "kube_pod_container_status_restarts_total": {"namespace", "pod", "container", "uid"},
+    "kube_pod_init_container_status_restarts_total": {"namespace", "pod", "container", "uid"},
+}
+
+
 def test_every_metric_and_label_the_rules_use_is_defined_by_the_sidecar() -> None:
-    defined = defined_metrics()
+    defined = defined_metrics() | EXTERNAL_METRICS
     recorded = {rule["record"] for rule in rules() if "record" in rule}
     problems = []
     for where, expr in rule_exprs():
@@ -600,21 +609,41 @@ CASES = [
         ],
     ),
     Case(
-        "restarts: two restarts in 30 minutes alert, one does not, old ones expire",
+        "restarts: one restart of the native (init) or plain sidecar container alerts for"
+        " 30 minutes; the app's restarts and a pod without restarts do not",
         "1m",
         {
-            s("sidecar_request_duration_seconds_count", route="orders"): (
-                "0+10x5 0+10x5 0+10x5 0+10x30"
+            s("kube_pod_init_container_status_restarts_total", uid="a"): "0x10 1x55",
+            s("kube_pod_container_status_restarts_total", pod="orders-b", uid="b"): (
+                "0x20 1x5 2x40"
             ),
-            s("sidecar_request_duration_seconds_count", route="idle"): "0x47",
-            s("sidecar_request_duration_seconds_count", route="orders", pod="orders-b"): (
-                "0+10x10 0+10x36"
-            ),
+            s("kube_pod_container_status_restarts_total", container="app", uid="a"): ("0x10 1x40"),
+            s("kube_pod_init_container_status_restarts_total", pod="orders-c", uid="c"): "0x65",
         },
         [
-            Check("11m", "SidecarRestarting"),
-            Check("15m", "SidecarRestarting", [shop(pod="orders-a", value=2)]),
-            Check("45m", "SidecarRestarting"),
+            Check("15m", "SidecarRestarting", [shop(pod="orders-a", value=1)]),
+            Check(
+                "30m",
+                "SidecarRestarting",
+                [shop(pod="orders-a", value=1), shop(pod="orders-b", value=2)],
+            ),
+            Check("45m", "SidecarRestarting", [shop(pod="orders-b", value=2)]),
+            Check("55m", "SidecarRestarting", [shop(pod="orders-b", value=1)]),
+            Check("60m", "SidecarRestarting"),
+        ],
+    ),
+    Case(
+        "down: a sidecar target down for 5 minutes pages; a shorter gap (a pod being"
+        " replaced) and the app's own target do not",
+        "1m",
+        {
+            s("up", job="shop/orders-sidecar"): "1x5 0x20",
+            s("up", job="shop/orders-sidecar", pod="orders-b"): "1x5 0x3 1x17",
+            s("up", job="shop/orders-app", container="app", pod="orders-c"): "0x25",
+        },
+        [
+            Check("8m", "SidecarDown"),
+            Check("12m", "SidecarDown", [shop(pod="orders-a", value=0)]),
         ],
     ),
 ]

@@ -170,12 +170,42 @@ def test_the_build_validates_against_the_kubernetes_schemas(directory: str, tmp_
     assert result.returncode == 0, result.stdout + result.stderr
     for document in documents:
         if document["kind"] in CRD_SCHEMAS:
-            schema = yaml.safe_load((SCHEMAS / CRD_SCHEMAS[document["kind"]]).read_text())
-            validator = jsonschema.validators.validator_for(schema)(schema)
-            errors = [
-                f"{list(e.absolute_path)}: {e.message}" for e in validator.iter_errors(document)
-            ]
+            errors = crd_errors(document)
             assert errors == [], f"{document['kind']} {document['metadata']['name']}"
+
+
+def strict(schema: Any) -> Any:
+    """The schema with unknown fields refused where it lists the known ones, as the API
+    server prunes (or, with kubectl's strict field validation, refuses) them: the published
+    CRD schemas say nothing of unlisted properties, so a misspelt optional field passes."""
+    if isinstance(schema, list):
+        return [strict(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    tightened = {key: strict(value) for key, value in schema.items()}
+    if (
+        "properties" in tightened
+        and "additionalProperties" not in tightened
+        and not tightened.get("x-kubernetes-preserve-unknown-fields")
+    ):
+        tightened["additionalProperties"] = False
+    return tightened
+
+
+def crd_errors(document: dict[str, Any]) -> list[str]:
+    schema = strict(yaml.safe_load((SCHEMAS / CRD_SCHEMAS[document["kind"]]).read_text()))
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    return [f"{list(e.absolute_path)}: {e.message}" for e in validator.iter_errors(document)]
+
+
+def test_a_misspelt_crd_field_is_caught() -> None:
+    monitor = only(built("monitoring"), "PodMonitor")
+    endpoint = monitor["spec"]["podMetricsEndpoints"][0]
+    endpoint["prot"] = endpoint.pop("port")
+    assert crd_errors(monitor), "a misspelt optional field passed the CRD schema"
+    rule = only(built("monitoring"), "PrometheusRule")
+    rule["spec"]["groups"][0]["rules"][0]["recrod"] = "x"
+    assert crd_errors(rule)
 
 
 def test_the_schema_validation_can_fail(tmp_path: Path) -> None:
@@ -447,12 +477,23 @@ def test_a_shorter_grace_period_is_caught(config: SidecarConfig) -> None:
 # --- What points at the sidecar ------------------------------------------------------------
 
 
-def test_the_service_targets_the_proxy_port() -> None:
+def test_the_service_targets_the_proxy_port(config: SidecarConfig) -> None:
     documents = built("base")
     service = only(documents, "Service", "orders")
     pod_labels = only(documents, "Deployment", "orders")["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= pod_labels.items()
-    assert [p["targetPort"] for p in service["spec"]["ports"]] == ["proxy"]
+    # By number: before Kubernetes 1.32 a Service does not resolve a port name declared on
+    # an init container (kubernetes/kubernetes#127958), so a named targetPort pointing at a
+    # native sidecar gets no endpoints.
+    assert [p["targetPort"] for p in service["spec"]["ports"]] == [config.server.listen.port]
+
+
+def test_the_quotas_fallback_share_is_the_deployments_replicas(config: SidecarConfig) -> None:
+    """With Redis down each pod allows limit / quotas.replicas: the count must be the pods'."""
+    replicas = only(built("base"), "Deployment", "orders")["spec"]["replicas"]
+    shares = {r.name: r.quotas.replicas for r in config.routes if r.quotas is not None}
+    assert shares, "no route has quotas"
+    assert set(shares.values()) == {replicas}, shares
 
 
 def test_the_pod_disruption_budget_covers_the_pods() -> None:
@@ -464,7 +505,9 @@ def test_the_pod_disruption_budget_covers_the_pods() -> None:
     assert budget["spec"]["maxUnavailable"] < deployment["spec"]["replicas"]
 
 
-def test_the_network_policy_admits_the_proxy_port_and_monitoring_to_the_admin_port() -> None:
+def test_the_network_policy_admits_the_proxy_port_and_monitoring_to_the_admin_port(
+    config: SidecarConfig,
+) -> None:
     documents = built("base")
     policy = only(documents, "NetworkPolicy", "orders")["spec"]
     labels = only(documents, "Deployment", "orders")["spec"]["template"]["metadata"]["labels"]
@@ -473,12 +516,14 @@ def test_the_network_policy_admits_the_proxy_port_and_monitoring_to_the_admin_po
     rules = {
         tuple(p["port"] for p in rule["ports"]): rule.get("from") for rule in policy["ingress"]
     }
-    assert set(rules) == {("proxy",), ("sidecar-admin",)}, "only the sidecar's two ports"
-    assert rules[("proxy",)] is None, "the proxy port from anywhere"
-    assert rules[("sidecar-admin",)] == [
+    # By number: some CNIs do not map names declared on init containers
+    # (projectcalico/calico#8881), and would drop the traffic.
+    proxy, admin = (config.server.listen.port,), (config.server.admin_listen.port,)
+    assert set(rules) == {proxy, admin}, "only the sidecar's two ports"
+    assert rules[proxy] is None, "the proxy port from anywhere"
+    assert rules[admin] == [
         {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
     ]
-    assert set(named_ports(sidecar_in("base"))) == {"proxy", "sidecar-admin"}
 
 
 def test_prometheus_finds_the_admin_port(config: SidecarConfig) -> None:
@@ -506,6 +551,9 @@ def test_redis_local_keeps_what_it_is_given(config: SidecarConfig) -> None:
     assert option["--requirepass"] == "$(REDIS_PASSWORD)"
     assert secret_refs(redis)["REDIS_PASSWORD"] == ("orders-sidecar", "REDIS_PASSWORD", False)
     assert re.fullmatch(r"redis:\d+\.\d+\.\d+", redis["image"]), "pin Redis by version"
+    # Ready on PONG (not while it loads its AOF), the password from the env, not argv.
+    assert "redis-cli ping" in " ".join(redis["readinessProbe"]["exec"]["command"])
+    assert secret_refs(redis)["REDISCLI_AUTH"] == ("orders-sidecar", "REDIS_PASSWORD", False)
     state = urlsplit(config.state.url)
     service = only(documents, "Service", state.hostname)
     assert [p["port"] for p in service["spec"]["ports"]] == [state.port]

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from services import deep_merge
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
@@ -142,16 +143,6 @@ def started(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-
-
-def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
 
 
 def sidecar_config(policies: tuple[str, ...], state_url: str, ports: dict[str, int]) -> str:

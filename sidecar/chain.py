@@ -180,8 +180,9 @@ class ProxyRequest:
 
     def after_response(self, work: Callable[[], object]) -> None:
         """Run `work` once the response is completely sent or abandoned, or at once if it
-        already is: what the answer does not wait for (a store write of its outcome) is
-        then done after its bytes went out, not before them."""
+        already is (the client left while a shielded upstream call went on): what the
+        answer does not wait for (a store write of its outcome) is then done after its
+        bytes went out, not before them."""
         if self.finished:
             work()
         else:

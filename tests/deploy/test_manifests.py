@@ -39,6 +39,7 @@ import yaml
 from sidecar.admin import READY_EXCLUDABLE
 from sidecar.config import load_config
 from sidecar.config.model import SidecarConfig
+from tests.deploy.test_dockerfile import security_setting
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
@@ -118,12 +119,6 @@ def container(pod: dict[str, Any], name: str) -> dict[str, Any]:
     matches = [c for c in all_containers(pod) if c["name"] == name]
     assert len(matches) == 1, f"expected one container {name!r}"
     return matches[0]
-
-
-def setting(pod: dict[str, Any], box: dict[str, Any], key: str) -> Any:
-    """A securityContext field as Kubernetes resolves it: the container's, else the pod's."""
-    own = (box.get("securityContext") or {}).get(key)
-    return own if own is not None else (pod.get("securityContext") or {}).get(key)
 
 
 def kubernetes_validate(
@@ -240,9 +235,9 @@ def test_every_pod_meets_pod_security_restricted(directory: str) -> None:
             assert kinds <= RESTRICTED_VOLUMES, f"{name}: volume {volume['name']} is {kinds}"
         for box in all_containers(pod):
             where = f"{name}/{box['name']}"
-            assert setting(pod, box, "runAsNonRoot") is True, f"{where}: runAsNonRoot"
-            assert setting(pod, box, "runAsUser") not in (None, 0), f"{where}: runAsUser"
-            seccomp = setting(pod, box, "seccompProfile") or {}
+            assert security_setting(pod, box, "runAsNonRoot") is True, f"{where}: runAsNonRoot"
+            assert security_setting(pod, box, "runAsUser") not in (None, 0), f"{where}: runAsUser"
+            seccomp = security_setting(pod, box, "seccompProfile") or {}
             assert seccomp.get("type") == "RuntimeDefault", f"{where}: seccomp {seccomp}"
             context = box.get("securityContext") or {}
             assert context.get("allowPrivilegeEscalation") is False, where
